@@ -1,0 +1,32 @@
+"""Typed errors. Each message says what is wrong, where (file, row, field), why, and the fix."""
+
+
+class LightRFTError(Exception):
+    """Base class of every error this package raises on bad input or configuration."""
+
+
+class ConfigError(LightRFTError):
+    """A configuration value is missing, mistyped or inconsistent."""
+
+
+class RegistryError(LightRFTError, KeyError):
+    """An unknown, duplicate or unloadable registry entry."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(LightRFTError):
+    """A dataset row or shard does not follow the unified sample schema."""
+
+
+class MediaError(DataError):
+    """A media file is missing or cannot be decoded."""
+
+
+class ModelError(LightRFTError):
+    """A model cannot be found, built or loaded."""
+
+
+class RewardError(LightRFTError):
+    """A reward cannot be resolved or returned an invalid value."""
