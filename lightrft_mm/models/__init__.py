@@ -1,0 +1,46 @@
+"""Model loading: local Hugging Face folders (Auto classes) or `tiny:<family>` built offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightrft_mm.errors import ModelError
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def load_policy(model_cfg, *, seed: int = 0):
+    """Return `(model, processor)` for `model.name_or_path` (see ModelConfig)."""
+    import torch
+
+    name = model_cfg.name_or_path
+    if name.startswith("tiny:"):
+        from lightrft_mm.models.tiny import build_tiny
+
+        model, processor = build_tiny(name[len("tiny:"):], tokenizer=model_cfg.tiny_tokenizer, seed=seed)
+    else:
+        model, processor = load_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    return model.to(getattr(torch, DTYPES[model_cfg.dtype])), processor
+
+
+def load_pretrained(path: str | Path, *, trust_remote_code: bool = False):
+    """Load a model folder with the Auto classes: image-text-to-text when the config has a
+    vision tower, causal LM otherwise; plus its processor (or tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from lightrft_mm.models.processing import load_processor
+
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise ModelError(f"model folder {folder} {what}. Expected a Hugging Face model folder "
+                         "(config.json, *.safetensors, tokenizer files), or tiny:<family>.")
+    config = json.loads(config_file.read_text())
+    auto = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the model in {folder}: {e}") from e
+    return model, load_processor(folder, trust_remote_code=trust_remote_code)

@@ -1,0 +1,5 @@
+import sys
+
+from lightrft_mm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""`lightrft-mm`: train | validate | demo | prepare | rewards list."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lightrft_mm.errors import LightRFTError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lightrft_mm.config import help_text
+    from lightrft_mm.prepare import build_parser as prepare_parser
+
+    parser = argparse.ArgumentParser(prog="lightrft-mm", description="Multimodal reinforcement fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keys = "config keys:\n" + help_text()
+    fmt = argparse.RawDescriptionHelpFormatter
+    _config_args(sub.add_parser("train", help="train with a config", epilog=keys, formatter_class=fmt))
+    _config_args(sub.add_parser("validate", help="check a config; list every problem", epilog=keys,
+                                formatter_class=fmt))
+    _config_args(sub.add_parser("demo", help="prepare the demo data, train, print the demo line"))
+    prepare_parser(sub.add_parser("prepare", help="write unified sample shards"))
+    rewards = sub.add_parser("rewards", help="registered rewards")
+    rewards.add_argument("action", choices=["list"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except LightRFTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "validate":
+        from lightrft_mm.config import load_config
+
+        load_config(args.config, args.overrides)
+        print(f"{args.config}: ok")
+    elif args.command == "train":
+        from lightrft_mm.config import load_config
+        from lightrft_mm.trainer.loop import train
+
+        s = train(load_config(args.config, args.overrides))
+        print(f"train: accuracy before={s['before']} after={s['after']} heldout={s['heldout']} "
+              f"time={s['seconds']}s checkpoint={s['checkpoint']}")
+    elif args.command == "demo":
+        from lightrft_mm.demo import run_demo
+
+        print(run_demo(args.config, args.overrides)["line"])
+    elif args.command == "prepare":
+        from lightrft_mm.prepare import run
+
+        return run(args)
+    elif args.command == "rewards":
+        from lightrft_mm.rewards import REWARDS
+
+        for name, origin in REWARDS.items():
+            print(f"{name:24s} {origin}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Typed configuration: one frozen dataclass per section, YAML files plus `key.sub=value`.
+
+Every default lives in the dataclass and every field is documented once, in its `help`
+metadata; `lightrft-mm train --help` is generated from it. `load_config` reports every
+problem of a config at once (unknown keys with did-you-mean, wrong types, values out of
+range), each with the value, why it is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightrft_mm.errors import ConfigError
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+        high: float | None = None) -> Any:
+    """A config field: its default, its one-place documentation and its allowed values."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = opt("tiny:qwen2_5_vl", "A local Hugging Face model folder, or tiny:<family> "
+                            "(qwen2_vl, qwen2_5_vl, llava, qwen2) built offline with random weights.")
+    tiny_tokenizer: str = opt("bpe", "Tokenizer of a tiny: model: bpe (small, trained on the fly, fast) "
+                              "or qwen (the real 151k Qwen tokenizer; ~30x slower on CPU).",
+                              choices=("bpe", "qwen"))
+    trust_remote_code: bool = opt(False, "Allow model code from the model folder (only for folders you trust).")
+    dtype: str = opt("float32", "Parameter dtype of the policy.", choices=("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: list = opt([], "Prepared shard folders (or .jsonl files) of training Samples.")
+    eval: list = opt([], "Prepared shard folders (or .jsonl files) for held-out evaluation.")
+    batch_size: int = opt(16, "Prompts per training step (each sampled rollout.n times).", low=1)
+    eval_max_samples: int = opt(0, "Evaluate on at most this many held-out samples (0 = all).", low=0)
+    system_prompt: str = opt("", "System message added to samples that have none (empty = none).")
+    on_media_error: str = opt("skip", "A training sample whose media fails to decode: skip it (counted "
+                              "in data/skipped_media) or fail the run.", choices=("skip", "fail"))
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = opt("hf", "Rollout engine: hf (transformers generate, CPU or GPU).", choices=("hf",))
+    n: int = opt(8, "Completions sampled per prompt (the GRPO group size).", low=2)
+    max_new_tokens: int = opt(64, "Longest completion, in tokens.", low=1)
+    temperature: float = opt(1.0, "Sampling temperature.", low=1e-3)
+    top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off).", low=1e-3, high=1.0)
+    top_k: int = opt(0, "Sample among the k most likely tokens (0 = off).", low=0)
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    name: str = opt("", "Registered reward name, 'package.module:function' or 'path/file.py:function'.")
+    weight: float = opt(1.0, "Weight of this reward in the sum.")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = opt("grpo", "Policy-gradient algorithm.", choices=("grpo",))
+    scale_by_std: bool = opt(True, "Divide group-centred rewards by the group std (false = Dr.GRPO).")
+    clip_eps: float = opt(0.2, "PPO ratio clip range epsilon.", low=0.0, high=1.0)
+    kl_coef: float = opt(0.0, "Weight of the k3 KL to the frozen reference (the model after warm-up). "
+                         "0 = no reference model is kept.", low=0.0)
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus (keeps every answer sampled).", low=0.0)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = opt("single", "Training strategy: single (one process).", choices=("single",))
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available).", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_steps: int = opt(100, "GRPO steps (one rollout batch and one optimizer step each).", low=1)
+    seed: int = opt(0, "Seed of the model init, data order and sampling.")
+    output_dir: str = opt("runs/default", "Run folder: metrics.jsonl, curves.png, checkpoints.")
+    lr: float = opt(1e-5, "AdamW learning rate.", low=0.0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", low=0.0, high=1.0)
+    adam_beta2: float = opt(0.999, "AdamW beta2 (0.99 reacts faster; steadier on tiny models).",
+                            low=0.0, high=1.0)
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay.", low=0.0)
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = no clipping).", low=0.0)
+    eval_every: int = opt(0, "Greedy held-out evaluation every k steps (0 = only before and after).", low=0)
+    save_every: int = opt(0, "Save a checkpoint every k steps (0 = only the final one).", low=0)
+    accuracy_reward: str = opt("exact_match", "Reward whose mean greedy held-out score is reported "
+                               "as eval/accuracy (it need not be among the training rewards).")
+    overwrite: bool = opt(False, "Allow writing into an output_dir that already holds a run.")
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    steps: int = opt(0, "Supervised format warm-up steps before RL (0 = none). The targets are a "
+                     "random one of each sample's `choices`, never its answer: only the format is taught.",
+                     low=0)
+    lr: float = opt(1e-3, "Learning rate of the warm-up.", low=0.0)
+    batch_size: int = opt(16, "Samples per warm-up step.", low=1)
+    template: str = opt("{answer}", "Completion text of a warm-up target; the text {answer} is replaced "
+                       "by the drawn choice, so \\boxed{{answer}} gives \\boxed{red}.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    progress: bool = opt(True, "Show a progress bar with reward and ETA.")
+    plot: bool = opt(True, "Write curves.png (reward and accuracy per step) into the run folder.")
+    completions: int = opt(2, "Completions per step written to trajectories.jsonl (0 = none).", low=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list = field(default_factory=list)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
+    """Convert a YAML / command-line value to the field's type, or record why it cannot be."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: {value!r} is not a boolean. Fix: write true or false.")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{where}: {value!r} is not an integer. Fix: write a whole number, e.g. 8.")
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-5 (no dot) as a string
+            except ValueError:
+                pass
+        problems.append(f"{where}: {value!r} is not a number. Fix: write a number, e.g. 1e-5.")
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{where}: {value!r} is not a string. Fix: quote it.")
+    elif typ is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [value]
+        problems.append(f"{where}: {value!r} is not a list. Fix: write [a, b] or a YAML list.")
+    return None
+
+
+def _build(cls, raw: Any, where: str, problems: list[str]):
+    """Build dataclass `cls` from a dict, recording unknown keys, wrong types and bad values."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of keys, got {raw!r}. Fix: write `{where}: {{key: value}}`.")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            problems.append(f"{name}: unknown key; {_suggest(str(key), fields)}")
+            continue
+        n_before = len(problems)
+        value = _coerce(value, hints[key], name, problems)
+        if len(problems) > n_before:
+            continue
+        meta = fields[key].metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            hint = difflib.get_close_matches(str(value), meta["choices"], n=1)
+            hint = f" Did you mean '{hint[0]}'?" if hint else ""
+            problems.append(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}.{hint}")
+            continue
+        if meta.get("low") is not None and value < meta["low"]:
+            problems.append(f"{name}: {value!r} is below the minimum {meta['low']}. Fix: use a value >= {meta['low']}.")
+            continue
+        if meta.get("high") is not None and value > meta["high"]:
+            problems.append(f"{name}: {value!r} is above the maximum {meta['high']}. Fix: use a value <= {meta['high']}.")
+            continue
+        values[key] = value
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} has no '='. Fix: write section.key=value, e.g. trainer.max_steps=10.")
+    key, _, value = text.partition("=")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node[part] = dict(node[part])
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist. Fix: pass the path of a YAML config, "
+                          "e.g. recipes/demo/colors.yaml.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...).")
+    return raw
+
+
+def build_config(raw: dict, *, source: str = "config") -> Config:
+    """Build and validate a Config from a dict; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    sections = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section; {_suggest(str(key), SECTIONS)}")
+        elif key == "rewards":
+            sections[key] = _build_rewards(value, problems)
+        else:
+            sections[key] = _build(SECTIONS[key].default_factory().__class__, value, key, problems)
+    cfg = Config(**sections)
+    problems += _cross_checks(cfg)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n{lines}")
+    return cfg
+
+
+def _build_rewards(value: Any, problems: list[str]) -> list[RewardSpec]:
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        problems.append(f"rewards: {value!r} is not a list. Fix: rewards: [{{name: math_accuracy, weight: 1.0}}]")
+        return []
+    specs = []
+    for i, item in enumerate(value):
+        item = {"name": item} if isinstance(item, str) else item
+        spec = _build(RewardSpec, item, f"rewards[{i}]", problems)
+        if not spec.name:
+            problems.append(f"rewards[{i}].name: missing. Fix: name a registered reward (lightrft-mm rewards list).")
+        specs.append(spec)
+    return specs
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Checks that involve several fields or registries."""
+    problems = []
+    from lightrft_mm.rewards import REWARDS
+
+    named = [(f"rewards[{i}].name", spec.name) for i, spec in enumerate(cfg.rewards)]
+    for where, name in named + [("trainer.accuracy_reward", cfg.trainer.accuracy_reward)]:
+        if name and ":" not in name and name not in REWARDS:
+            close = difflib.get_close_matches(name, REWARDS.names(), n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{where}: {name!r} is not a registered reward.{hint} "
+                            f"Known: {', '.join(REWARDS.names())}.")
+    name = cfg.model.name_or_path
+    if name.startswith("tiny:"):
+        from lightrft_mm.models.tiny import FAMILIES
+
+        family = name[len("tiny:"):]
+        if family not in FAMILIES:
+            close = difflib.get_close_matches(family, FAMILIES, n=1)
+            hint = f" Did you mean 'tiny:{close[0]}'?" if close else ""
+            problems.append(f"model.name_or_path: unknown tiny family {family!r}.{hint} "
+                            f"Known: {', '.join('tiny:' + f for f in FAMILIES)}.")
+    else:
+        if not Path(name).is_dir():
+            problems.append(f"model.name_or_path: {name!r} is not a folder. Fix: a local Hugging Face "
+                            "model folder (config.json + weights), or tiny:<family>.")
+        if cfg.model.tiny_tokenizer != "bpe":
+            problems.append("model.tiny_tokenizer: only applies to tiny: models; a model folder "
+                            "brings its own tokenizer. Fix: remove it.")
+    if cfg.warmup.steps and "{answer}" not in cfg.warmup.template:
+        problems.append(f"warmup.template: {cfg.warmup.template!r} lacks {{answer}}. Fix: e.g. '\\\\boxed{{{{answer}}}}'.")
+    return problems
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (optional), apply `section.key=value` overrides, build and validate."""
+    raw = read_yaml(path) if path else {}
+    raw = apply_overrides(raw, list(overrides or []))
+    return build_config(raw, source=str(path or "config"))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    """Every config key with its type, default and documentation (for --help and docs)."""
+    lines = []
+    for section, f in SECTIONS.items():
+        cls = RewardSpec if section == "rewards" else f.default_factory().__class__
+        title = f"{section}: (a list of)" if section == "rewards" else f"{section}:"
+        lines.append(title)
+        hints = typing.get_type_hints(cls)
+        for sub in dataclasses.fields(cls):
+            typ = getattr(hints[sub.name], "__name__", str(hints[sub.name]))
+            default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
+            choices = sub.metadata.get("choices")
+            extra = f" One of: {', '.join(choices)}." if choices else ""
+            lines.append(f"  {section}.{sub.name} ({typ}, default {default!r}): {sub.metadata['help']}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Rollout with Hugging Face `generate`: batched, n completions per prompt, CPU friendly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightrft_mm.algorithms.grpo import selective_logps
+from lightrft_mm.processors.adapter import HFChatAdapter, PromptBatch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are sampled (filled from the `rollout` config section)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+
+@dataclass
+class Rollouts:
+    """Completions of a [B]-prompt batch, n each, group-major ([B * n] rows).
+
+    Attributes:
+        prompts: the prompt batch repeated n times ([B * n] rows).
+        completion_ids: [B * n, Tc] right-padded with the pad id.
+        completion_mask: [B * n, Tc] 1 up to and including the end-of-turn token.
+        logps: [B * n, Tc] log-probs of the sampled tokens under the sampling distribution.
+        texts: decoded completions, special tokens removed.
+        n: completions per prompt.
+    """
+
+    prompts: PromptBatch
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logps: torch.Tensor
+    texts: list[str]
+    n: int
+
+
+def completion_mask_from(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[N, Tc] mask: 1 for every token up to and including the first EOS."""
+    is_eos = ids == eos_id
+    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+class HFRolloutEngine:
+    """`RolloutEngine` over `model.generate` (DESIGN.md §4).
+
+    Args:
+        model: the policy (shared with the trainer: no weight sync needed).
+        adapter: the model adapter that encoded the prompts.
+    """
+
+    def __init__(self, model, adapter: HFChatAdapter):
+        self.model = model
+        self.adapter = adapter
+        self._suppress = adapter.special_ids_to_suppress()
+
+    @torch.no_grad()
+    def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> Rollouts:
+        """Sample n completions for each prompt; returns tokens, text and per-token log-probs."""
+        batch = prompts.repeat(n, self.adapter.pad_token_id).to(self.model.device)
+        was_training = self.model.training
+        self.model.eval()
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+                      eos_token_id=self.adapter.eos_token_id, pad_token_id=self.adapter.pad_token_id,
+                      suppress_tokens=self._suppress or None, output_logits=True,
+                      return_dict_in_generate=True)
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        out = self.model.generate(**batch.model_inputs(), **kwargs)
+        if was_training:
+            self.model.train()
+        ids = out.sequences[:, batch.input_ids.shape[1]:]
+        mask = completion_mask_from(ids, self.adapter.eos_token_id)
+        # Raw logits (before processors) at the sampling temperature: the distribution the
+        # training forward recomputes.
+        logits = torch.stack(out.logits, dim=1).float()
+        temperature = 1.0 if sampling.greedy else sampling.temperature
+        logps = selective_logps(logits / temperature, ids) * mask
+        ids = ids.masked_fill(mask == 0, self.adapter.pad_token_id)
+        return Rollouts(batch, ids, mask, logps, self.adapter.decode(ids), n)
+
+    def load_weights(self, state) -> None:
+        """The HF engine generates with the training model itself: nothing to copy."""

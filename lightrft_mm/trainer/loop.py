@@ -1,0 +1,216 @@
+"""The GRPO loop, top to bottom: rollout -> reward -> advantages -> loss -> step.
+
+Everything model-, strategy- or engine-specific sits behind the adapter, strategy and engine
+protocols; the algorithm math is the pure functions of `lightrft_mm.algorithms`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightrft_mm.algorithms.grpo import group_advantages, masked_mean, policy_loss
+from lightrft_mm.config import Config, to_dict
+from lightrft_mm.datasets.loader import batches, load_samples
+from lightrft_mm.errors import ConfigError, MediaError
+from lightrft_mm.models import load_policy
+from lightrft_mm.models.logprobs import forward_logprobs
+from lightrft_mm.processors.adapter import HFChatAdapter, collate
+from lightrft_mm.rewards import REWARDS, RewardInput, combine, resolve
+from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
+from lightrft_mm.strategy import STRATEGIES
+from lightrft_mm.trainer.checkpoint import save_hf
+from lightrft_mm.trainer.evaluate import evaluate
+from lightrft_mm.trainer.metrics import JsonlWriter
+from lightrft_mm.trainer.warmup import warmup
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config) -> dict:
+    """Run a whole training job described by `cfg`; returns the summary written to summary.json."""
+    started = time.time()
+    out = _prepare_output_dir(cfg)
+    _seed_everything(cfg.trainer.seed)
+
+    # Model, adapter, rollout engine, strategy.
+    model, processor = load_policy(cfg.model, seed=cfg.trainer.seed)
+    adapter = HFChatAdapter(processor, system_prompt=cfg.data.system_prompt or None)
+    strategy = STRATEGIES.get(cfg.strategy.name)(device=cfg.strategy.device,
+                                                 max_grad_norm=cfg.trainer.max_grad_norm)
+    model.to(strategy.device)
+    engine = HFRolloutEngine(model, adapter)
+    sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+
+    # Data and rewards.
+    train_samples = load_samples(cfg.data.train)
+    eval_samples = load_samples(cfg.data.eval)
+    if cfg.data.eval_max_samples:
+        eval_samples = eval_samples[:cfg.data.eval_max_samples]
+    batch_iter = batches(train_samples, cfg.data.batch_size, cfg.trainer.seed)
+    reward_fns = resolve(cfg.rewards)
+    acc_name = cfg.trainer.accuracy_reward
+    eval_fns = reward_fns + ([] if any(n == acc_name for n, _, _ in reward_fns)
+                             else [(acc_name, REWARDS.get(acc_name), 0.0)])
+
+    def run_eval() -> dict:
+        if not eval_samples:
+            return {}
+        return evaluate(engine, adapter, eval_samples, eval_fns, accuracy_reward=acc_name,
+                        max_new_tokens=cfg.rollout.max_new_tokens)
+
+    # Optional format warm-up (answer-free), then the frozen reference for the KL term.
+    if cfg.warmup.steps:
+        warmup(model, adapter, batches(train_samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
+               cfg.warmup, seed=cfg.trainer.seed, device=strategy.device)
+    ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.trainer.lr,
+                                  betas=(cfg.trainer.adam_beta1, cfg.trainer.adam_beta2),
+                                  weight_decay=cfg.trainer.weight_decay)
+    model, optimizer = strategy.prepare(model, optimizer)
+
+    metrics = JsonlWriter(out / "metrics.jsonl")
+    trajectories = JsonlWriter(out / "trajectories.jsonl") if cfg.logging.completions else None
+    before = run_eval()
+    metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+    skipped_media = 0
+    bar = _progress(cfg)
+    for step in range(1, cfg.trainer.max_steps + 1):
+        t_step = time.time()
+        # 1. Rollout: n completions per prompt, with their sampling log-probs.
+        samples, prompts, skipped = _encode(adapter, next(batch_iter), cfg.data.on_media_error)
+        skipped_media += skipped
+        rollouts = engine.generate(prompts.to(strategy.device), cfg.rollout.n, sampling)
+        mask = rollouts.completion_mask
+
+        # 2. Rewards: every reward sees the completion and its whole Sample.
+        n = cfg.rollout.n
+        inputs = [RewardInput(text, tuple(ids[m.bool()].tolist()), samples[i // n], i // n)
+                  for i, (text, ids, m) in enumerate(zip(rollouts.texts, rollouts.completion_ids, mask))]
+        totals, parts, reward_errors = combine(reward_fns, inputs)
+        rewards = torch.tensor(totals, dtype=torch.float32).view(len(samples), n)
+
+        # 3. Advantages: group-normalised rewards, one per completion.
+        advantages = group_advantages(rewards, scale_by_std=cfg.algorithm.scale_by_std).view(-1)
+        advantages = advantages.to(strategy.device)
+
+        # 4. Loss on the policy's recomputed log-probs (same positions as generation).
+        model.train()
+        logps, entropy = forward_logprobs(model, rollouts.prompts, rollouts.completion_ids, mask,
+                                          temperature=sampling.temperature,
+                                          with_entropy=cfg.algorithm.entropy_coef > 0)
+        ref_logps = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logps, _ = forward_logprobs(ref_model, rollouts.prompts, rollouts.completion_ids, mask,
+                                                temperature=sampling.temperature)
+        loss, stats = policy_loss(logps, rollouts.logps, advantages, mask, clip_eps=cfg.algorithm.clip_eps,
+                                  ref_logps=ref_logps, kl_coef=cfg.algorithm.kl_coef,
+                                  entropy=entropy, entropy_coef=cfg.algorithm.entropy_coef)
+
+        # 5. Step.
+        strategy.backward(loss)
+        grad_norm = strategy.step()
+
+        row = {"step": step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+               **{f"reward/{k}": float(np.mean([v for v in vals if v is not None] or [0.0]))
+                  for k, vals in parts.items()},
+               "reward/errors": sum(reward_errors.values()), "data/skipped_media": skipped_media,
+               "completion/length": mask.sum(1).float().mean().item(),
+               "completion/zero_std_groups": int((rewards.std(dim=1) == 0).sum()),
+               "grad_norm": grad_norm, "time/step": time.time() - t_step,
+               **{f"loss/{k}": v for k, v in stats.items()}}
+        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
+            row.update({f"eval/{k}": v for k, v in run_eval().items()})
+        metrics.write(row)
+        if trajectories is not None:
+            for i in range(min(cfg.logging.completions, len(inputs))):
+                trajectories.write({"step": step, "id": inputs[i].sample.id, "completion": inputs[i].completion,
+                                    "reward": totals[i], "advantage": float(advantages[i])})
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+            save_hf(model, processor, out / f"checkpoint-{step}", strategy=strategy)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", acc=_fmt(row.get("eval/accuracy")))
+    bar.close()
+
+    after = run_eval()
+    metrics.write({"step": cfg.trainer.max_steps, **{f"eval/{k}": v for k, v in after.items()}})
+    metrics.close()
+    if trajectories is not None:
+        trajectories.close()
+    save_hf(model, processor, out / "checkpoint-final", strategy=strategy)
+    summary = {"before": before.get("accuracy"), "after": after.get("accuracy"),
+               "heldout": len(eval_samples), "seconds": round(time.time() - started, 1),
+               "steps": cfg.trainer.max_steps, "skipped_media": skipped_media,
+               "checkpoint": str(out / "checkpoint-final")}
+    if cfg.logging.plot:
+        from lightrft_mm.trainer.plot import plot_curves
+
+        summary["curves"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png",
+                                            keys=("reward/mean", "eval/accuracy")))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _encode(adapter, samples, policy: str):
+    """Encode prompts; a sample whose media fails to decode is skipped (or raises, per policy)."""
+    encodings, kept = [], []
+    for s in samples:
+        try:
+            encodings.append(adapter.encode_one(s))
+            kept.append(s)
+        except MediaError as e:
+            if policy == "fail":
+                raise
+            log.warning("skipping sample: %s", e)
+    if not kept:
+        raise MediaError("every sample of a training batch failed to decode; see the warnings above.")
+    return kept, collate(encodings, adapter.pad_token_id), len(samples) - len(kept)
+
+
+def _frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _prepare_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.trainer.output_dir)
+    if (out / "metrics.jsonl").exists():
+        if not cfg.trainer.overwrite:
+            raise ConfigError(f"trainer.output_dir: {out} already holds a run. Fix: choose another "
+                              "output_dir, or set trainer.overwrite=true to replace it.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _progress(cfg: Config):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.trainer.max_steps, desc="grpo", disable=not cfg.logging.progress,
+                dynamic_ncols=True)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+__all__ = ["train", "masked_mean"]

@@ -1,0 +1,22 @@
+"""Per-step metrics (`metrics.jsonl`) and sampled trajectories (`trajectories.jsonl`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class JsonlWriter:
+    """Append one JSON object per line and flush, so a crash loses at most the current line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row, ensure_ascii=False, default=float) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
