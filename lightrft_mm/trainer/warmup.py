@@ -49,5 +49,5 @@ def warmup(model, adapter, batch_iter, cfg, *, seed: int, device) -> list[float]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
