@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,14 +153,17 @@ def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
             return value
         problems.append(f"{where}: {value!r} is not an integer. Fix: write a whole number, e.g. 8.")
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML reads 1e-5 (no dot) as a string
+                number = float(value)  # YAML reads 1e-5 (no dot) as a string
             except ValueError:
                 pass
-        problems.append(f"{where}: {value!r} is not a number. Fix: write a number, e.g. 1e-5.")
+        if number is not None and math.isfinite(number):
+            return number
+        problems.append(f"{where}: {value!r} is not a finite number. Fix: write a number, e.g. 1e-5.")
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -217,16 +221,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = dict(raw)
+    """Apply `a.b=value` overrides to a copy of raw; a number indexes a list (`rewards.0.weight=0.5`)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node[part] = dict(node[part])
-            node = node[part]
-        node[path[-1]] = value
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: {'.'.join(path[:depth])} is a list of {len(node)}; "
+                                      f"{part!r} is not an index in it. Fix: use 0..{len(node) - 1}, or "
+                                      "override the whole list, e.g. rewards=[{name: exact_match}].")
+                key = int(part)
+                if isinstance(node[key], str) and not last:
+                    node[key] = {"name": node[key]}  # reward shorthand "exact_match"
+            else:
+                key = part
+                if not last and not isinstance(node.get(key), (dict, list)):
+                    node[key] = {}
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
     return raw
 
 

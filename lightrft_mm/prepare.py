@@ -8,23 +8,39 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 from lightrft_mm.errors import DataError, LightRFTError
 
 
 def prepare_synthetic(task: str, out: Path, *, n: int, seed: int, overwrite: bool = False) -> Path:
-    """Generate `n` samples of a synthetic task into the shard folder `out`."""
-    from lightrft_mm.datasets.loader import write_shard
+    """Generate `n` samples of a synthetic task into the shard folder `out`.
+
+    Written into a temporary sibling folder first: a failure leaves an existing `out` intact.
+    """
+    from lightrft_mm.datasets.loader import MANIFEST, write_shard
     from lightrft_mm.datasets.synthetic import generate
 
-    if out.exists() and any(out.iterdir()):
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file. Fix: give a folder path for the shards.")
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out} already exists and is not empty. Fix: choose another --out, "
                             "or pass --overwrite to replace it.")
-        shutil.rmtree(out)
-    samples = generate(task, n, seed, out)
-    return write_shard(samples, out, source=f"synthetic:{task}", n=n, seed=seed)
+        if not (out / MANIFEST).is_file():
+            raise DataError(f"{out} is not a shard folder written by prepare (no {MANIFEST}); "
+                            "--overwrite only replaces those. Fix: choose another --out.")
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write_shard(generate(task, n, seed, tmp), tmp, source=f"synthetic:{task}", n=n, seed=seed)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -49,9 +49,18 @@ def write_shard(samples: list[Sample], out_dir: Path, *, source: str, **manifest
 
 
 def batches(samples: list[Sample], batch_size: int, seed: int) -> Iterator[list[Sample]]:
-    """Endless batches; each epoch is a fresh deterministic shuffle of all samples."""
+    """Endless full batches; each epoch is a fresh deterministic shuffle.
+
+    When batch_size does not divide the sample count, the last `len % batch_size` samples of
+    an epoch's shuffle are left for later epochs (a new shuffle each time), so every step sees
+    a full batch. Fewer samples than batch_size give one short batch per epoch.
+    """
     if not samples:
         raise DataError("no training samples: data.train is empty or its shards hold no rows.")
+    return _batches(samples, batch_size, seed)
+
+
+def _batches(samples: list[Sample], batch_size: int, seed: int) -> Iterator[list[Sample]]:
     epoch = 0
     while True:
         order = list(range(len(samples)))

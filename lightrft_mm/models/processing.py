@@ -28,36 +28,44 @@ def qwen_vl_image_processor_class():
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
+        def to_dict(self):
+            # Saved as the stock class, so AutoProcessor loads it wherever torchvision exists.
+            return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+
     return Qwen2VLImageOnlyProcessor
 
 
 def load_processor(path: str | Path, *, trust_remote_code: bool = False):
     """Load the processor saved in `path`.
 
-    Uses `AutoProcessor`; where that fails only because a video processor cannot be built
-    without torchvision (Qwen2-VL family), builds the image-only variant from the same files.
-    A folder with a tokenizer and no processor gives the tokenizer.
+    Uses `AutoProcessor`; where that cannot build the processor only because a video processor
+    needs torchvision (Qwen2-VL family), builds the image-only variant from the same files. A
+    folder with a tokenizer and no image processor gives the tokenizer.
     """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+    from lightrft_mm.errors import ModelError
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    has_images = any((Path(path) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    error = None
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ImportError, ValueError, TypeError, AttributeError, OSError) as first:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            return tokenizer
-        if type(image_processor).__name__.startswith("Qwen2VLImageProcessor"):
-            cls = qwen_vl_image_processor_class()
-            return cls(image_processor=image_processor, tokenizer=tokenizer,
-                       chat_template=tokenizer.chat_template or _saved_chat_template(path))
-        raise first
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
+        if hasattr(processor, "image_processor") or not has_images:
+            return processor
+    except (ImportError, ValueError, TypeError, AttributeError, OSError) as e:
+        error = e
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if not has_images:
+        return tokenizer
+    image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+    if type(image_processor).__name__.startswith("Qwen2VLImageProcessor"):
+        return qwen_vl_image_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                               chat_template=tokenizer.chat_template or _saved_chat_template(path))
+    raise ModelError(f"cannot build the processor saved in {path}: {error or 'AutoProcessor gave no image processor'}."
+                     " Fix: check that its processor files match the installed transformers version.")
 
 
 def _saved_chat_template(path: str | Path) -> str | None:
-    for name in ("chat_template.jinja",):
-        f = Path(path) / name
-        if f.is_file():
-            return f.read_text()
-    return None
+    f = Path(path) / "chat_template.jinja"
+    return f.read_text() if f.is_file() else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -72,10 +73,10 @@ def combine(fns: Sequence[tuple[str, RewardFn, float]], inputs: list[RewardInput
             errors[name] = errors.get(name, 0) + len(inputs)
         clean: list[float | None] = []
         for i, v in enumerate(values):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
                 errors[name] = errors.get(name, 0) + 1
                 v = None
-            clean.append(None if v is None else float(v))
+            clean.append(None if v is None else float(v))  # numpy scalars become floats
             if v is not None:
                 totals[i] += weight * float(v)
         parts[name] = clean
@@ -83,8 +84,11 @@ def combine(fns: Sequence[tuple[str, RewardFn, float]], inputs: list[RewardInput
 
 
 def resolve(specs) -> list[tuple[str, RewardFn, float]]:
-    """Config `rewards:` entries -> (name, callable, weight)."""
-    return [(spec.name, REWARDS.get(spec.name), spec.weight) for spec in specs]
+    """Config `rewards:` entries -> (metric name, callable, weight).
+
+    A reward given as "module:function" or "file.py:function" is logged as "function".
+    """
+    return [(spec.name.rsplit(":", 1)[-1], REWARDS.get(spec.name), spec.weight) for spec in specs]
 
 
 # Built-ins are imported for their registration side effect.

@@ -1,0 +1,42 @@
+"""Shared fixtures: small images and Samples made on the fly (no hub, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightrft_mm.schema import Sample
+
+
+@pytest.fixture(scope="session")
+def image_paths(tmp_path_factory):
+    """Three random RGB PNGs of different sizes (so Qwen grids and prompt lengths differ)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(84, 84), (112, 56), (56, 140)]):
+        p = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def image_samples(image_paths):
+    """Prompts of mixed lengths, with and without a system message, image first or last."""
+    rows = [
+        {"id": "a", "messages": [{"role": "user", "content": [
+            {"type": "image", "image": image_paths[0]}, {"type": "text", "text": "What colour?"}]}],
+         "answer": "red", "choices": ["red", "blue"]},
+        {"id": "b", "messages": [
+            {"role": "system", "content": "You are a helpful assistant. Answer with one word."},
+            {"role": "user", "content": [{"type": "image", "image": image_paths[1]},
+                                         {"type": "text", "text": "How many shapes are in the image? Count them."}]}],
+         "answer": "blue", "choices": ["red", "blue"]},
+        {"id": "c", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Describe"}, {"type": "image", "image": image_paths[2]}]}],
+         "answer": "red", "choices": ["red", "blue"]},
+    ]
+    return [Sample.from_dict(r) for r in rows]
