@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys = "config keys:\n" + help_text()
     fmt = argparse.RawDescriptionHelpFormatter
     _config_args(sub.add_parser("train", help="train with a config", epilog=keys, formatter_class=fmt))
-    _config_args(sub.add_parser("validate", help="check a config; list every problem", epilog=keys,
-                                formatter_class=fmt))
+    validate = sub.add_parser("validate", help="check configs; list every problem", epilog=keys,
+                              formatter_class=fmt)
+    validate.add_argument("items", nargs="+", metavar="CONFIG.yaml | section.key=value",
+                          help="one or more configs, then overrides applied to each")
     _config_args(sub.add_parser("demo", help="prepare the demo data, train, print the demo line"))
     prepare_parser(sub.add_parser("prepare", help="write unified sample shards"))
     rewards = sub.add_parser("rewards", help="registered rewards")
@@ -46,8 +48,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from lightrft_mm.config import load_config
 
-        load_config(args.config, args.overrides)
-        print(f"{args.config}: ok")
+        overrides = [x for x in args.items if "=" in x]
+        failed = 0
+        for path in [x for x in args.items if "=" not in x]:
+            try:
+                load_config(path, overrides)
+                print(f"{path}: ok")
+            except LightRFTError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+        return 1 if failed else 0
     elif args.command == "train":
         from lightrft_mm.config import load_config
         from lightrft_mm.trainer.loop import train

@@ -72,6 +72,8 @@ class RewardSpec:
 class AlgorithmConfig:
     name: str = opt("grpo", "Policy-gradient algorithm.", choices=("grpo",))
     scale_by_std: bool = opt(True, "Divide group-centred rewards by the group std (false = Dr.GRPO).")
+    epochs: int = opt(1, "Optimisation passes over each rollout batch. With 1 the ratio to the sampling "
+                      "policy is 1; later passes are off-policy and the clip acts.", low=1)
     clip_eps: float = opt(0.2, "PPO ratio clip range epsilon.", low=0.0, high=1.0)
     kl_coef: float = opt(0.0, "Weight of the k3 KL to the frozen reference (the model after warm-up). "
                          "0 = no reference model is kept.", low=0.0)

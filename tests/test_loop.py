@@ -94,3 +94,55 @@ def test_broken_media_is_skipped_and_counted(shards, tmp_path):
             f"data.train=[{data}]", "data.eval=[]", f"trainer.output_dir={tmp_path / 'run2'}",
             "trainer.max_steps=4", "data.batch_size=16", "rollout.n=2", "warmup.steps=0",
             "logging.progress=false", "data.on_media_error=fail"]))
+
+
+def _weights_digest(out):
+    import hashlib
+
+    return hashlib.sha256((out / "checkpoint-final" / "model.safetensors").read_bytes()).hexdigest()
+
+
+FLAGS = ["algorithm.kl_coef=0.5", "algorithm.entropy_coef=0.1", "algorithm.scale_by_std=false",
+         "algorithm.epochs=2", "trainer.lr=3e-3", "trainer.adam_beta1=0.5", "trainer.adam_beta2=0.9",
+         "trainer.weight_decay=0.5", "trainer.max_grad_norm=0.001", "rollout.temperature=0.5",
+         "rollout.top_p=0.3", "rollout.top_k=2", "rollout.max_new_tokens=2", "rollout.n=3",
+         "data.batch_size=3", "data.system_prompt='Answer briefly.'", "warmup.steps=1",
+         "trainer.seed=7", "model.name_or_path=tiny:llava"]
+
+
+@pytest.fixture(scope="module")
+def baseline(shards, tmp_path_factory):
+    """Two identical runs give identical weights, so any difference below comes from the flag."""
+    root = tmp_path_factory.mktemp("baseline")
+    digests = []
+    for name in ("a", "b"):
+        train(_cfg(shards, root / name, "trainer.max_steps=2", "data.eval=[]", "logging.plot=false"))
+        digests.append(_weights_digest(root / name))
+    assert digests[0] == digests[1]
+    return digests[0]
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_every_training_flag_changes_the_result(flag, shards, baseline, tmp_path):
+    train(_cfg(shards, tmp_path, "trainer.max_steps=2", "data.eval=[]", "logging.plot=false", flag))
+    assert _weights_digest(tmp_path) != baseline
+
+
+def test_clip_acts_on_later_epochs(shards, tmp_path):
+    train(_cfg(shards, tmp_path / "a", "trainer.max_steps=2", "algorithm.epochs=3", "algorithm.clip_eps=0.2",
+               "trainer.lr=0.05", "data.eval=[]", "logging.plot=false"))
+    train(_cfg(shards, tmp_path / "b", "trainer.max_steps=2", "algorithm.epochs=3", "algorithm.clip_eps=0.01",
+               "trainer.lr=0.05", "data.eval=[]", "logging.plot=false"))
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("loss/clip_fraction", 0) for r in rows) > 0
+    assert _weights_digest(tmp_path / "a") != _weights_digest(tmp_path / "b")
+
+
+def test_output_flags(shards, tmp_path):
+    summary = train(_cfg(shards, tmp_path, "trainer.max_steps=2", "trainer.save_every=1", "logging.plot=false",
+                         "logging.completions=0", "data.eval_max_samples=3", "trainer.eval_every=0"))
+    assert (tmp_path / "checkpoint-1").is_dir() and (tmp_path / "checkpoint-2").is_dir()
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "trajectories.jsonl").exists()
+    assert summary["heldout"] == 3
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval/accuracy" in r for r in rows) == 2  # before and after only

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightrft_mm.algorithms.grpo import group_advantages, masked_mean, policy_loss
+from lightrft_mm.algorithms.grpo import group_advantages, policy_loss
 from lightrft_mm.config import Config, to_dict
 from lightrft_mm.datasets.loader import batches, load_samples
 from lightrft_mm.errors import ConfigError, MediaError
@@ -103,23 +103,23 @@ def train(cfg: Config) -> dict:
         advantages = group_advantages(rewards, scale_by_std=cfg.algorithm.scale_by_std).view(-1)
         advantages = advantages.to(strategy.device)
 
-        # 4. Loss on the policy's recomputed log-probs (same positions as generation).
-        model.train()
-        logps, entropy = forward_logprobs(model, rollouts.prompts, rollouts.completion_ids, mask,
-                                          temperature=sampling.temperature,
-                                          with_entropy=cfg.algorithm.entropy_coef > 0)
+        # 4. Loss on the policy's recomputed log-probs (same positions as generation), and step;
+        #    old_logps stay the sampling log-probs across epochs.
         ref_logps = None
         if ref_model is not None:
             with torch.no_grad():
                 ref_logps, _ = forward_logprobs(ref_model, rollouts.prompts, rollouts.completion_ids, mask,
                                                 temperature=sampling.temperature)
-        loss, stats = policy_loss(logps, rollouts.logps, advantages, mask, clip_eps=cfg.algorithm.clip_eps,
-                                  ref_logps=ref_logps, kl_coef=cfg.algorithm.kl_coef,
-                                  entropy=entropy, entropy_coef=cfg.algorithm.entropy_coef)
-
-        # 5. Step.
-        strategy.backward(loss)
-        grad_norm = strategy.step()
+        model.train()
+        for _ in range(cfg.algorithm.epochs):
+            logps, entropy = forward_logprobs(model, rollouts.prompts, rollouts.completion_ids, mask,
+                                              temperature=sampling.temperature,
+                                              with_entropy=cfg.algorithm.entropy_coef > 0)
+            loss, stats = policy_loss(logps, rollouts.logps, advantages, mask, clip_eps=cfg.algorithm.clip_eps,
+                                      ref_logps=ref_logps, kl_coef=cfg.algorithm.kl_coef,
+                                      entropy=entropy, entropy_coef=cfg.algorithm.entropy_coef)
+            strategy.backward(loss)
+            grad_norm = strategy.step()
 
         row = {"step": step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                **{f"reward/{k}": float(np.mean([v for v in vals if v is not None] or [0.0]))
@@ -212,5 +212,3 @@ def _progress(cfg: Config):
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
-
-__all__ = ["train", "masked_mean"]
