@@ -146,3 +146,10 @@ def test_output_flags(shards, tmp_path):
     assert summary["heldout"] == 3
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum("eval/accuracy" in r for r in rows) == 2  # before and after only
+
+
+def test_cuda_without_a_gpu_is_a_clear_config_error(shards, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="strategy.device"):
+        train(_cfg(shards, tmp_path, "strategy.device=cuda"))

@@ -73,3 +73,13 @@ def test_missing_model_folder_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         load_pretrained(tmp_path / "empty")
+
+
+def test_model_config_reaches_the_factory():
+    from lightrft_mm.config import ModelConfig
+    from lightrft_mm.models import load_policy
+
+    model, processor = load_policy(ModelConfig(tiny_tokenizer="qwen", dtype="bfloat16"))
+    assert len(processor.tokenizer) > 150_000
+    assert model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

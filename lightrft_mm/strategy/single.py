@@ -18,6 +18,11 @@ class SingleStrategy:
     def __init__(self, device: str = "auto", max_grad_norm: float = 1.0):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            from lightrft_mm.errors import ConfigError
+
+            raise ConfigError("strategy.device: 'cuda' but torch sees no CUDA device (CPU build of "
+                              "torch, or no GPU). Fix: strategy.device=auto or cpu.")
         self.device = torch.device(device)
         self.max_grad_norm = max_grad_norm
         self.model = None

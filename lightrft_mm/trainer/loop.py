@@ -71,7 +71,7 @@ def train(cfg: Config) -> dict:
     # Optional format warm-up (answer-free), then the frozen reference for the KL term.
     if cfg.warmup.steps:
         warmup(model, adapter, batches(train_samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
-               cfg.warmup, seed=cfg.trainer.seed, device=strategy.device)
+               cfg.warmup, seed=cfg.trainer.seed, device=strategy.device, progress=cfg.logging.progress)
     ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.trainer.lr,
                                   betas=(cfg.trainer.adam_beta1, cfg.trainer.adam_beta2),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import torch
+from tqdm.auto import tqdm
 
 from lightrft_mm.errors import DataError
 from lightrft_mm.models.logprobs import forward_logprobs
@@ -26,14 +27,15 @@ def format_targets(samples, template: str, rng: random.Random) -> list[str]:
     return targets
 
 
-def warmup(model, adapter, batch_iter, cfg, *, seed: int, device) -> list[float]:
+def warmup(model, adapter, batch_iter, cfg, *, seed: int, device, progress: bool = True) -> list[float]:
     """Run `cfg.steps` supervised steps on random-choice targets; returns the losses."""
     rng = random.Random(seed)
     tok = adapter.tokenizer
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model.train()
     losses = []
-    for _ in range(cfg.steps):
+    bar = tqdm(range(cfg.steps), desc="warm-up", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
         samples = next(batch_iter)
         prompts = adapter.encode_prompts(samples).to(device)
         texts = format_targets(samples, cfg.template, rng)
@@ -50,4 +52,5 @@ def warmup(model, adapter, batch_iter, cfg, *, seed: int, device) -> list[float]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
