@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from lightrft_mm.schema import Sample
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch):
+    """Tests name recipes and docs relative to the repository, wherever pytest was started."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="session")

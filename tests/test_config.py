@@ -309,3 +309,13 @@ def test_config_dataclasses_are_frozen(section):
         setattr(obj, name, getattr(obj, name))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.trainer = C.TrainerConfig()
+
+
+def test_docs_config_reference_is_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    generated = subprocess.run([sys.executable, "-m", "lightrft_mm.config"], capture_output=True, text=True,
+                               check=True).stdout
+    assert Path("docs/config.md").read_text() == generated, "run: python -m lightrft_mm.config > docs/config.md"
