@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,13 @@ import pytest
 from lightrft_mm.schema import Sample
 
 
-@pytest.fixture(autouse=True)
-def _run_from_repo_root(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _run_from_repo_root():
     """Tests name recipes and docs relative to the repository, wherever pytest was started."""
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    before = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[1])
+    yield
+    os.chdir(before)
 
 
 @pytest.fixture(scope="session")
