@@ -52,6 +52,27 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    max_pixels_guard: int = opt(100_000_000, "Refuse an image whose header declares more pixels than this, "
+                                "before decoding it (decompression bombs).", low=1)
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    backend: str = opt("auto", "Video decoder: decord, pyav, or auto (decord, then PyAV).",
+                       choices=("auto", "decord", "pyav"))
+    fps: float = opt(2.0, "Frames sampled per second of video (a part's own fps wins).", low=1e-3)
+    max_frames: int = opt(32, "Most frames sampled from one video (a part's own max_frames wins).", low=1)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    max_seconds: float = opt(30.0, "Longest audio clip accepted, in seconds.", low=1e-3)
+    on_too_long: str = opt("clip", "An audio clip over max_seconds: clip it to max_seconds or fail.",
+                           choices=("clip", "fail"))
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     engine: str = opt("hf", "Rollout engine: hf (transformers generate, CPU or GPU).", choices=("hf",))
     n: int = opt(8, "Completions sampled per prompt (the GRPO group size).", low=2)
@@ -125,6 +146,9 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list = field(default_factory=list)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

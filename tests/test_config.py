@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo" / "colors.yaml"
 
 SECTION_CLASSES = {
-    "model": C.ModelConfig, "data": C.DataConfig, "rollout": C.RolloutConfig,
+    "model": C.ModelConfig, "data": C.DataConfig, "image": C.ImageConfig, "video": C.VideoConfig,
+    "audio": C.AudioConfig, "rollout": C.RolloutConfig,
     "rewards": C.RewardSpec, "algorithm": C.AlgorithmConfig, "strategy": C.StrategyConfig,
     "trainer": C.TrainerConfig, "warmup": C.WarmupConfig, "logging": C.LoggingConfig,
 }

@@ -126,10 +126,16 @@ class HFChatAdapter:
     Args:
         processor: the model's processor (or a bare tokenizer for text-only models).
         system_prompt: added to samples that carry no system message.
+        image, video, audio: the `ImageConfig` / `VideoConfig` / `AudioConfig` sections.
     """
 
-    def __init__(self, processor, *, system_prompt: str | None = None):
+    def __init__(self, processor, *, system_prompt: str | None = None, image=None, video=None, audio=None):
+        from lightrft_mm.config import AudioConfig, ImageConfig, VideoConfig
+
         self.processor = processor
+        self.image_cfg = image or ImageConfig()
+        self.video_cfg = video or VideoConfig()
+        self.audio_cfg = audio or AudioConfig()
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.system_prompt = system_prompt
         self.pad_token_id = self.tokenizer.pad_token_id

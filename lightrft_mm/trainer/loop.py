@@ -23,7 +23,8 @@ from lightrft_mm.datasets.loader import batches, load_samples
 from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.models import load_policy
 from lightrft_mm.models.logprobs import forward_logprobs
-from lightrft_mm.processors.adapter import HFChatAdapter, collate
+from lightrft_mm.processors import make_adapter
+from lightrft_mm.processors.adapter import collate
 from lightrft_mm.rewards import REWARDS, RewardInput, combine, resolve
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.strategy import STRATEGIES
@@ -43,7 +44,8 @@ def train(cfg: Config) -> dict:
 
     # Model, adapter, rollout engine, strategy.
     model, processor = load_policy(cfg.model, seed=cfg.trainer.seed)
-    adapter = HFChatAdapter(processor, system_prompt=cfg.data.system_prompt or None)
+    adapter = make_adapter(model, processor, system_prompt=cfg.data.system_prompt or None,
+                           image=cfg.image, video=cfg.video, audio=cfg.audio)
     strategy = STRATEGIES.get(cfg.strategy.name)(device=cfg.strategy.device,
                                                  max_grad_norm=cfg.trainer.max_grad_norm)
     model.to(strategy.device)
