@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=fmt)
     validate.add_argument("items", nargs="+", metavar="CONFIG.yaml | section.key=value",
                           help="one or more configs, then overrides applied to each")
-    _config_args(sub.add_parser("demo", help="prepare the demo data, train, print the demo line"))
+    demo = sub.add_parser("demo", help="prepare the demo data, train, print the demo line")
+    _config_args(demo)
+    demo.add_argument("--task", default="colors", help="synthetic task of the demo data (default: colors)")
     prepare_parser(sub.add_parser("prepare", help="write unified sample shards"))
     rewards = sub.add_parser("rewards", help="registered rewards")
     rewards.add_argument("action", choices=["list"])
@@ -68,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from lightrft_mm.demo import run_demo
 
-        print(run_demo(args.config, args.overrides)["line"])
+        print(run_demo(args.config, args.overrides, task=args.task)["line"])
     elif args.command == "prepare":
         from lightrft_mm.prepare import run
 

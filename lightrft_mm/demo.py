@@ -27,13 +27,17 @@ def ensure_demo_data(cfg: Config, task: str = "colors") -> None:
                 prepare_synthetic(task, Path(path), n=n, seed=seed)
 
 
-def run_demo(config_path: str, overrides: list[str] | None = None) -> dict:
-    """Prepare, train and print the demo's final line; returns the training summary."""
+def run_demo(config_path: str, overrides: list[str] | None = None, *, task: str = "colors") -> dict:
+    """Prepare the synthetic `task` where absent, train, and build the demo's final line.
+
+    Returns:
+        The training summary, with the line under "line".
+    """
     from lightrft_mm.trainer.loop import train
 
     started = time.time()
     cfg = load_config(config_path, overrides)
-    ensure_demo_data(cfg)
+    ensure_demo_data(cfg, task)
     summary = train(cfg)
     minutes, seconds = divmod(int(round(time.time() - started)), 60)
     summary["line"] = (f"demo: accuracy before={summary['before']:.2f} after={summary['after']:.2f} "

@@ -16,6 +16,10 @@ from lightrft_mm.registry import Registry
 from lightrft_mm.schema import Sample
 
 TASKS = Registry("synthetic task")
+# Tasks in other modules, imported only when used. Each is `fn(n, seed, media_dir) -> list[Sample]`.
+TASKS.register_lazy("moving_dot", "lightrft_mm.datasets.synthetic_video:moving_dot")
+TASKS.register_lazy("higher_tone", "lightrft_mm.datasets.synthetic_audio:higher_tone")
+TASKS.register_lazy("geo3k_like", "lightrft_mm.datasets.synthetic_geo:geo3k_like")
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 COLORS_PROMPT = "What colour is the image? Answer with \\boxed{colour}."
