@@ -93,19 +93,14 @@ def collate(encodings: list[PromptEncoding], pad_id: int) -> PromptBatch:
     return PromptBatch(ids, mask, aligned, media, list(encodings))
 
 
-def load_image(path: str, *, where: str):
-    """Open an image file as RGB, or raise MediaError naming the sample and the file."""
-    from PIL import Image, UnidentifiedImageError
+def load_image(path, *, where: str, max_pixels_guard: int = 100_000_000):
+    """Decode an image source as RGB, or raise MediaError naming the sample and the file.
 
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise MediaError(f"{where}: image file {path} does not exist. Fix the path in the shard "
-                         "(media paths are relative to the shard's folder).") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise MediaError(f"{where}: cannot decode image {path}: {e}. Re-export it as PNG/JPEG "
-                         "or drop the row.") from e
+    Delegates to `lightrft_mm.processors.image.load_image` (EXIF, mode conversion, bomb guard).
+    """
+    from lightrft_mm.processors.image import load_image as _load_image
+
+    return _load_image(path, where=where, max_pixels_guard=max_pixels_guard)
 
 
 def to_hf_messages(sample: Sample, system_prompt: str | None = None) -> list[dict]:
@@ -146,7 +141,8 @@ class HFChatAdapter:
     def encode_one(self, sample: Sample) -> PromptEncoding:
         text = self.processor.apply_chat_template(
             to_hf_messages(sample, self.system_prompt), add_generation_prompt=True, tokenize=False)
-        images = [load_image(p.image, where=f"sample {sample.id}") for p in sample.media("image")]
+        images = [load_image(p.image, where=f"sample {sample.id}",
+                             max_pixels_guard=self.image_cfg.max_pixels_guard) for p in sample.media("image")]
         if sample.media("video") or sample.media("audio"):
             raise MediaError(f"sample {sample.id}: video/audio parts need a video/audio adapter, "
                              "which this model's processor does not provide.")
