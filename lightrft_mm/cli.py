@@ -1,4 +1,4 @@
-"""`lightrft-mm`: train | validate | demo | prepare | rewards list."""
+"""`lightrft-mm`: train | validate | demo | prepare | data inspect | rewards list."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lightrft_mm.config import help_text
+    from lightrft_mm.datasets.inspect_data import build_parser as inspect_parser
     from lightrft_mm.prepare import build_parser as prepare_parser
 
     parser = argparse.ArgumentParser(prog="lightrft-mm", description="Multimodal reinforcement fine-tuning.")
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(demo)
     demo.add_argument("--task", default="colors", help="synthetic task of the demo data (default: colors)")
     prepare_parser(sub.add_parser("prepare", help="write unified sample shards"))
+    data = sub.add_parser("data", help="look at prepared data").add_subparsers(dest="data_command", required=True)
+    inspect_parser(data.add_parser("inspect", help="stats and samples of a prepared folder; --sheet draws them"))
     rewards = sub.add_parser("rewards", help="registered rewards")
     rewards.add_argument("action", choices=["list"])
     return parser
@@ -75,6 +78,10 @@ def _run(args: argparse.Namespace) -> int:
         from lightrft_mm.prepare import run
 
         return run(args)
+    elif args.command == "data":
+        from lightrft_mm.datasets.inspect_data import run as inspect
+
+        return inspect(args)
     elif args.command == "rewards":
         from lightrft_mm.rewards import REWARDS
 

@@ -45,6 +45,12 @@ class DataConfig:
     train: list = opt([], "Prepared shard folders (or .jsonl files) of training Samples.")
     eval: list = opt([], "Prepared shard folders (or .jsonl files) for held-out evaluation.")
     batch_size: int = opt(16, "Prompts per training step (each sampled rollout.n times).", low=1)
+    weights: list = opt([], "Mixing weight of each data.train folder, in order (numbers >= 0): each "
+                        "prompt of a batch comes from folder i with probability weights[i] / sum. "
+                        "Empty = pool all folders, every sample equally likely.")
+    max_prompt_tokens: int = opt(0, "Drop training samples whose prompt (chat template, text and media "
+                                 "tokens, as the model's processor encodes it) is longer than this; "
+                                 "the count is logged as data/filtered_long (0 = keep all).", low=0)
     eval_max_samples: int = opt(0, "Evaluate on at most this many held-out samples (0 = all).", low=0)
     system_prompt: str = opt("", "System message added to samples that have none (empty = none).")
     on_media_error: str = opt("skip", "A training sample whose media fails to decode: skip it (counted "
@@ -333,6 +339,9 @@ def _cross_checks(cfg: Config) -> list[str]:
         if name and ":" not in name and name not in REWARDS:
             problems.append(f"{where}: {name!r} is not a registered reward.{did_you_mean(name, REWARDS.names())} "
                             f"Known: {', '.join(REWARDS.names())}.")
+    from lightrft_mm.datasets.loader import weight_problems
+
+    problems += weight_problems(cfg.data.weights, len(cfg.data.train))
     name = cfg.model.name_or_path
     if name.startswith("tiny:"):
         from lightrft_mm.models.tiny import FAMILIES

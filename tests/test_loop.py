@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightrft_mm.config import load_config
-from lightrft_mm.errors import ConfigError
+from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.models import load_pretrained
 from lightrft_mm.models.tiny import build_tiny
 from lightrft_mm.prepare import prepare_synthetic
@@ -89,7 +89,7 @@ def test_broken_media_is_skipped_and_counted(shards, tmp_path):
         "logging.progress=false", "logging.plot=false"])
     summary = train(cfg)
     assert summary["skipped_media"] >= 1
-    with pytest.raises(Exception, match="cannot decode image"):
+    with pytest.raises(MediaError, match="not an image PIL can read"):
         train(load_config("recipes/demo/colors.yaml", [
             f"data.train=[{data}]", "data.eval=[]", f"trainer.output_dir={tmp_path / 'run2'}",
             "trainer.max_steps=4", "data.batch_size=16", "rollout.n=2", "warmup.steps=0",

@@ -1,25 +1,30 @@
-"""Read prepared shards and serve deterministic, reshuffled batches of Samples."""
+"""Read prepared shards and serve deterministic batches of Samples.
+
+`PromptLoader` mixes several prepared folders (pooled, or drawn by weight), shuffles them
+deterministically by seed, gives each rank its own part of every global batch, drops prompts
+that are too long (counted), and has a position (`state_dict` / `load_state_dict`) from which
+a resumed run continues with exactly the batches that would have come next.
+"""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
-from lightrft_mm.errors import DataError
-from lightrft_mm.schema import Sample, read_jsonl, resolve_media, write_jsonl
+from lightrft_mm.errors import DataError, MediaError
+from lightrft_mm.schema import Sample, read_jsonl, resolve_media
 
 MANIFEST = "manifest.json"
 
 
 def shard_files(path: str | Path) -> list[Path]:
-    """A shard folder's `*.jsonl` files (sorted), or the file itself."""
+    """A shard folder's `*.jsonl` files (sorted, rejects.jsonl excluded), or the file itself."""
     p = Path(path)
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(p.glob("*.jsonl"))
+        files = sorted(f for f in p.glob("*.jsonl") if f.name != "rejects.jsonl")
         if files:
             return files
         raise DataError(f"{p}: folder holds no .jsonl shard. Fix: create it with "
@@ -28,7 +33,7 @@ def shard_files(path: str | Path) -> list[Path]:
                     f"create it with `python -m lightrft_mm.prepare SOURCE --out {p}`.")
 
 
-def load_samples(paths: list[str] | tuple[str, ...]) -> list[Sample]:
+def load_samples(paths: Sequence[str | Path]) -> list[Sample]:
     """All Samples of the given shard folders/files, media paths made absolute."""
     samples = []
     for path in paths:
@@ -37,34 +42,222 @@ def load_samples(paths: list[str] | tuple[str, ...]) -> list[Sample]:
     return samples
 
 
-def write_shard(samples: list[Sample], out_dir: Path, *, source: str, **manifest) -> Path:
-    """Write samples as out_dir/shard-00000.jsonl plus a manifest (both atomic)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(samples, out_dir / "shard-00000.jsonl")
-    info = {"source": source, "count": len(samples), **manifest}
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(out_dir / MANIFEST)
-    return out_dir
+def dist_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` from torch.distributed when it is initialised, else ``(0, 1)``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def prompt_token_counter(adapter) -> Callable[[Sample], int]:
+    """``sample -> prompt length in tokens`` as ``adapter`` encodes it (media tokens included).
+
+    A sample whose media fails to decode counts 0 tokens: the training loop's media policy
+    (``data.on_media_error``) decides about it, not the length filter.
+    """
+    def count(sample: Sample) -> int:
+        try:
+            return int(adapter.encode_prompts([sample]).attention_mask.sum())
+        except MediaError:
+            return 0
+
+    return count
+
+
+def drop_long(samples: list[Sample], max_tokens: int,
+              token_len: Callable[[Sample], int]) -> tuple[list[Sample], int]:
+    """The samples whose prompt has at most ``max_tokens`` tokens, and how many were dropped."""
+    kept = [s for s in samples if token_len(s) <= max_tokens]
+    return kept, len(samples) - len(kept)
+
+
+class PromptLoader:
+    """Endless, deterministic batches of Samples for one rank.
+
+    Without weights every source is pooled: each epoch is a fresh shuffle of all samples
+    (``random.Random(seed * 100_003 + epoch)``), cut into global batches of
+    ``batch_size * world_size``; a tail that does not fill a global batch waits for a later
+    epoch's shuffle, and fewer samples than a global batch give one short batch per epoch.
+    With weights, each element of a global batch comes from source ``i`` with probability
+    ``weights[i] / sum(weights)``, and each source is read in its own reshuffled epochs.
+    Rank ``r`` takes elements ``r, r + world_size, ...`` of every global batch.
+
+    Args:
+        sources: Samples of each source (a prepared folder).
+        batch_size: Samples per rank per step.
+        seed: Seed of the shuffles and of the mixing draws.
+        weights: Mixing weight of each source (>= 0, one > 0), or None to pool them.
+        rank: This process's rank (default: from torch.distributed, else 0).
+        world_size: Number of ranks (default: from torch.distributed, else 1).
+        filtered: Samples already dropped as too long (reported by ``filtered``).
+    """
+
+    def __init__(self, sources: Sequence[Sequence[Sample]], *, batch_size: int, seed: int = 0,
+                 weights: Sequence[float] | None = None, rank: int | None = None,
+                 world_size: int | None = None, filtered: int = 0) -> None:
+        if rank is None or world_size is None:
+            default_rank, default_world = dist_rank_world()
+            rank = default_rank if rank is None else rank
+            world_size = default_world if world_size is None else world_size
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.seed, self.filtered = int(batch_size), int(seed), filtered
+        self.sources = [list(s) for s in sources]
+        self.weights = _check_weights(weights, len(self.sources))
+        if self.weights is None:
+            self.sources = [[s for src in self.sources for s in src]]
+        _check_sizes(self.sources, self.weights, self.world_size, self.rank, self.batch_size)
+        self.step = 0
+        self._counts = [0] * len(self.sources)  # mixture: draws of each source before `step`
+        self._orders: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, its shuffle)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str | Path], *, batch_size: int, seed: int = 0,
+                   weights: Sequence[float] | None = None, max_prompt_tokens: int = 0,
+                   token_len: Callable[[Sample], int] | None = None, rank: int | None = None,
+                   world_size: int | None = None) -> "PromptLoader":
+        """Load prepared folders (one source each) and drop prompts over ``max_prompt_tokens``.
+
+        Raises:
+            DataError: No paths, weights that do not match them, a folder left empty by the
+                length filter, or ``max_prompt_tokens`` without ``token_len``.
+        """
+        if not paths:
+            raise DataError("no training samples: data.train is empty. Fix: list prepared shard "
+                            "folders, e.g. data.train=[data/geo3k-train].")
+        _check_weights(weights, len(paths))  # before the (slow) loading
+        sources, filtered = [load_samples([p]) for p in paths], 0
+        if max_prompt_tokens:
+            if token_len is None:
+                raise DataError("data.max_prompt_tokens needs a token-length function (the model's "
+                                "adapter); pass token_len.")
+            for i, (path, samples) in enumerate(zip(paths, sources)):
+                sources[i], dropped = drop_long(samples, max_prompt_tokens, token_len)
+                filtered += dropped
+                if samples and not sources[i]:
+                    raise DataError(f"{path}: every one of its {len(samples)} prompts is longer than "
+                                    f"data.max_prompt_tokens={max_prompt_tokens} (the shortest has "
+                                    f"{min(map(token_len, samples))} tokens). Fix: raise the limit.")
+        return cls(sources, batch_size=batch_size, seed=seed, weights=weights, rank=rank,
+                   world_size=world_size, filtered=filtered)
+
+    @classmethod
+    def from_config(cls, data_cfg, *, seed: int, token_len: Callable[[Sample], int] | None = None,
+                    rank: int | None = None, world_size: int | None = None) -> "PromptLoader":
+        """The training loader of a `DataConfig` (train, batch_size, weights, max_prompt_tokens)."""
+        return cls.from_paths(data_cfg.train, batch_size=data_cfg.batch_size, seed=seed,
+                              weights=data_cfg.weights or None, max_prompt_tokens=data_cfg.max_prompt_tokens,
+                              token_len=token_len, rank=rank, world_size=world_size)
+
+    @property
+    def samples(self) -> list[Sample]:
+        """Every kept sample, all sources together."""
+        return [s for src in self.sources for s in src]
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        return self
+
+    def __next__(self) -> list[Sample]:
+        if self.weights is None:
+            batch = self._pooled_batch(self.step)
+        else:
+            batch = self._mixed_batch(self.step)
+        self.step += 1
+        return batch[self.rank::self.world_size]
+
+    def _pooled_batch(self, step: int) -> list[Sample]:
+        pool, size = self.sources[0], self.batch_size * self.world_size
+        per_epoch = max(len(pool) // size, 1)
+        epoch, k = divmod(step, per_epoch)
+        order = self._order(0, epoch, lambda: random.Random(self.seed * 100_003 + epoch))
+        return [pool[i] for i in order[k * size:(k + 1) * size]]
+
+    def _mixed_batch(self, step: int) -> list[Sample]:
+        batch = []
+        for src in self._draws(step):
+            epoch, pos = divmod(self._counts[src], len(self.sources[src]))
+            order = self._order(src, epoch, lambda: random.Random(f"{self.seed}-{src}-{epoch}"))
+            batch.append(self.sources[src][order[pos]])
+            self._counts[src] += 1
+        return batch
+
+    def _draws(self, step: int) -> list[int]:
+        """The source of each element of global batch ``step`` (mixture mode)."""
+        rng = random.Random(f"{self.seed}-mix-{step}")
+        return rng.choices(range(len(self.sources)), weights=self.weights,
+                           k=self.batch_size * self.world_size)
+
+    def _order(self, src: int, epoch: int, make_rng: Callable[[], random.Random]) -> list[int]:
+        cached = self._orders.get(src)
+        if cached is None or cached[0] != epoch:
+            order = list(range(len(self.sources[src])))
+            make_rng().shuffle(order)
+            self._orders[src] = cached = (epoch, order)
+        return cached[1]
+
+    def state_dict(self) -> dict:
+        """The position, plus what must match for it to mean the same batches on resume."""
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "world_size": self.world_size, "sizes": [len(s) for s in self.sources],
+                "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position: the next batch is the one that would have come next.
+
+        Raises:
+            DataError: The data or the loader settings differ from the saved ones.
+        """
+        mine = self.state_dict()
+        changed = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in mine
+                   if k != "step" and state.get(k) != mine[k]]
+        if changed:
+            raise DataError("cannot resume the data position: " + "; ".join(changed) + ". Fix: resume "
+                            "with the same data.train, data.weights, data.batch_size, seed and world size.")
+        self.step, self._counts, self._orders = int(state["step"]), [0] * len(self.sources), {}
+        if self.weights is not None:
+            for step in range(self.step):
+                for src in self._draws(step):
+                    self._counts[src] += 1
+
+
+def weight_problems(weights: Sequence, n_folders: int) -> list[str]:
+    """Why ``data.weights`` does not fit ``n_folders`` data.train folders (empty when it does)."""
+    if not weights:
+        return []
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0]
+    if len(weights) != n_folders or bad or not any(weights):
+        return [f"data.weights: {list(weights)!r} does not fit {n_folders} data.train folder(s). Fix: give "
+                "one number >= 0 per folder, in order (at least one > 0), or none to pool the folders."]
+    return []
+
+
+def _check_weights(weights: Sequence[float] | None, n: int) -> list[float] | None:
+    problems = weight_problems(weights or [], n)
+    if problems:
+        raise DataError(problems[0])
+    return [float(w) for w in weights] if weights else None
+
+
+def _check_sizes(sources: list[list[Sample]], weights, world_size: int, rank: int, batch_size: int) -> None:
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need "
+                        "batch_size >= 1 and 0 <= rank < world_size.")
+    used = [s for s, w in zip(sources, weights or [1.0] * len(sources)) if w > 0]
+    if not any(used) or any(not s for s in used):
+        raise DataError("no training samples: data.train (or one of its weighted folders) holds no rows.")
+    if weights is None and len(sources[0]) < world_size:
+        raise DataError(f"{len(sources[0])} training samples for {world_size} ranks: every rank needs "
+                        "at least one. Fix: prepare more data or use fewer ranks.")
 
 
 def batches(samples: list[Sample], batch_size: int, seed: int) -> Iterator[list[Sample]]:
-    """Endless full batches; each epoch is a fresh deterministic shuffle.
+    """Endless full batches of one process; each epoch is a fresh deterministic shuffle.
 
     When batch_size does not divide the sample count, the last `len % batch_size` samples of
     an epoch's shuffle are left for later epochs (a new shuffle each time), so every step sees
     a full batch. Fewer samples than batch_size give one short batch per epoch.
     """
-    if not samples:
-        raise DataError("no training samples: data.train is empty or its shards hold no rows.")
-    return _batches(samples, batch_size, seed)
-
-
-def _batches(samples: list[Sample], batch_size: int, seed: int) -> Iterator[list[Sample]]:
-    epoch = 0
-    while True:
-        order = list(range(len(samples)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        for start in range(0, max(len(order) - batch_size, 0) + 1, batch_size):
-            yield [samples[i] for i in order[start:start + batch_size]]
-        epoch += 1
+    return PromptLoader([samples], batch_size=batch_size, seed=seed, rank=0, world_size=1)

@@ -19,7 +19,7 @@ import torch
 
 from lightrft_mm.algorithms.grpo import group_advantages, policy_loss
 from lightrft_mm.config import Config, to_dict
-from lightrft_mm.datasets.loader import batches, load_samples
+from lightrft_mm.datasets.loader import PromptLoader, batches, load_samples, prompt_token_counter
 from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.models import load_policy
 from lightrft_mm.models.logprobs import forward_logprobs
@@ -54,11 +54,13 @@ def train(cfg: Config) -> dict:
                               top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
 
     # Data and rewards.
-    train_samples = load_samples(cfg.data.train)
+    token_len = prompt_token_counter(adapter) if cfg.data.max_prompt_tokens else None
+    train_data = PromptLoader.from_config(cfg.data, seed=cfg.trainer.seed, token_len=token_len)
+    train_samples = train_data.samples
     eval_samples = load_samples(cfg.data.eval)
     if cfg.data.eval_max_samples:
         eval_samples = eval_samples[:cfg.data.eval_max_samples]
-    batch_iter = batches(train_samples, cfg.data.batch_size, cfg.trainer.seed)
+    batch_iter = iter(train_data)
     reward_fns = resolve(cfg.rewards)
     acc_name = cfg.trainer.accuracy_reward
     eval_fns = reward_fns + ([] if any(n == acc_name for n, _, _ in reward_fns)
@@ -127,6 +129,7 @@ def train(cfg: Config) -> dict:
                **{f"reward/{k}": float(np.mean([v for v in vals if v is not None] or [0.0]))
                   for k, vals in parts.items()},
                "reward/errors": sum(reward_errors.values()), "data/skipped_media": skipped_media,
+               "data/filtered_long": train_data.filtered,
                "completion/length": mask.sum(1).float().mean().item(),
                "completion/zero_std_groups": int((rewards.std(dim=1) == 0).sum()),
                "grad_norm": grad_norm, "time/step": time.time() - t_step,
