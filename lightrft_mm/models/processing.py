@@ -40,7 +40,8 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False):
 
     Uses `AutoProcessor`; where that cannot build the processor only because a video processor
     needs torchvision (Qwen2-VL family), builds the image-only variant from the same files. A
-    folder with a tokenizer and no image processor gives the tokenizer.
+    folder with a tokenizer and no image processor gives the tokenizer; an audio model's
+    processor (a feature extractor, no image processor) is returned as AutoProcessor built it.
     """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
@@ -51,7 +52,7 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False):
     error = None
     try:
         processor = AutoProcessor.from_pretrained(path, **kwargs)
-        if hasattr(processor, "image_processor") or not has_images:
+        if hasattr(processor, "image_processor") or hasattr(processor, "feature_extractor") or not has_images:
             return processor
     except (ImportError, ValueError, TypeError, AttributeError, OSError) as e:
         error = e

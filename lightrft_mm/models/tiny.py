@@ -1,8 +1,9 @@
 """Offline factory for small random-initialised models of the real architectures.
 
 `tiny:<family>` builds a model of the same class as the released checkpoints (Qwen2-VL,
-Qwen2.5-VL, LLaVA, Qwen2 text) with a few layers and a working processor, without touching a
-hub and without torchvision, so every recipe can run on a laptop CPU.
+Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT, Qwen2-Audio, Qwen2 text) with a few layers and a working
+processor, without touching a hub and without torchvision, so every recipe can run on a laptop
+CPU.
 
 Two tokenizers: `bpe` (default) trains a byte-level BPE of a few hundred tokens on a built-in
 corpus in well under a second; `qwen` loads the real 151k-token Qwen tokenizer files shipped by
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from lightrft_mm.errors import ModelError, did_you_mean
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "qwen2")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2_audio", "qwen2")
 TOKENIZERS = ("bpe", "qwen")
 
 QWEN_SPECIALS = [
@@ -24,6 +25,10 @@ QWEN_SPECIALS = [
     "<|image_pad|>", "<|video_pad|>",
 ]
 LLAVA_IMAGE_TOKEN = "<image>"
+AUDIO_TOKENS = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+# The special tokens each family adds to the shared ones (the others add none: their
+# tokenizers stay byte-identical).
+FAMILY_TOKENS = {"llava": [LLAVA_IMAGE_TOKEN], "llava_next": [LLAVA_IMAGE_TOKEN], "qwen2_audio": AUDIO_TOKENS}
 
 # ChatML as the Qwen2-VL family writes it: media parts become vision-start/pad/end markers.
 QWEN_CHAT_TEMPLATE = (
@@ -56,6 +61,24 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# Qwen2-Audio-Instruct's template: ChatML, a default system turn, and each audio part as
+# "Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>" (the processor expands <|AUDIO|>).
+QWEN_AUDIO_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'audio' %}{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # Enough text for a BPE to learn the words of the demo tasks, templates and math answers.
 _CORPUS = """
 You are a helpful assistant. Look at the image and answer the question.
@@ -71,6 +94,12 @@ Find x. Find the area. Find the length of the side. Find the measure of the angl
 A B C D E triangle circle rectangle line angle degrees side area perimeter radius
 USER: ASSISTANT: system user assistant question answer image video audio
 Describe the image. Listen to the audio. Watch the video. Choices: A, B, C, D.
+"""
+# Words of the audio tasks, for the audio family only (the other tokenizers stay as they were).
+_AUDIO_CORPUS = """
+Audio 1: Audio 2: Is the second tone higher or lower than the first? Answer with one word.
+\\boxed{higher} \\boxed{lower} \\boxed{same} higher lower same tone sound pitch first second
+\\boxed{higher} \\boxed{lower} \\boxed{higher} \\boxed{lower}
 """
 
 
@@ -88,12 +117,13 @@ def _qwen_tokenizer_dir() -> Path:
     return folder
 
 
-def build_tokenizer(kind: str = "bpe", *, extra_tokens: list[str] | None = None):
+def build_tokenizer(kind: str = "bpe", *, extra_tokens: list[str] | None = None, extra_corpus: str = ""):
     """Build a tokenizer offline.
 
     Args:
         kind: "bpe" (small BPE trained now) or "qwen" (real Qwen2 tokenizer files).
         extra_tokens: additional special tokens (e.g. LLaVA's "<image>").
+        extra_corpus: more training text for the BPE (its words become few tokens).
 
     Returns:
         A transformers fast tokenizer with pad, EOS and the vision special tokens set.
@@ -116,7 +146,7 @@ def build_tokenizer(kind: str = "bpe", *, extra_tokens: list[str] | None = None)
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        backend.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer)
+        backend.train_from_iterator([line for line in (_CORPUS + extra_corpus).splitlines() if line], trainer)
     else:
         raise ModelError(_unknown("tiny tokenizer", kind, TOKENIZERS))
     tok = PreTrainedTokenizerFast(
@@ -149,8 +179,8 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
 
     if family not in FAMILIES:
         raise ModelError(_unknown("tiny: family", family, FAMILIES) + " Example: model.name_or_path=tiny:qwen2_5_vl")
-    extra = [LLAVA_IMAGE_TOKEN] if family == "llava" else []
-    tok = build_tokenizer(tokenizer, extra_tokens=extra)
+    tok = build_tokenizer(tokenizer, extra_tokens=FAMILY_TOKENS.get(family),
+                          extra_corpus=_AUDIO_CORPUS if family == "qwen2_audio" else "")
     text = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -162,6 +192,10 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
         model, processor = _build_qwen_vl(family, tok, text, image_size)
     elif family == "llava":
         model, processor = _build_llava(tok, text, image_size)
+    elif family == "llava_next":
+        model, processor = _build_llava_next(tok, text, image_size)
+    elif family == "qwen2_audio":
+        model, processor = _build_qwen2_audio(tok, text)
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -233,6 +267,76 @@ def _build_llava(tok, text: dict, image_size: int):
                                vision_feature_select_strategy="default",
                                chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1)
     return model, processor
+
+
+def _build_llava_next(tok, text: dict, image_size: int):
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor, Qwen2Config)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    patch = 14
+    side = max(patch, image_size // (2 * patch) * patch)  # one tile; 42 -> 3x3 patches
+    # Any-res: a wide or tall image is tiled 1x2 / 2x1, a large one 2x2, plus the base tile.
+    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=side, patch_size=patch,
+                              projection_dim=32)
+    config = LlavaNextConfig(vision_config=vision, text_config=Qwen2Config(**text),
+                             image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                             image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                   vision_feature_select_strategy="default",
+                                   chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1)
+    return model, processor
+
+
+# Tiny Qwen2-Audio: 32 mel bins and a 2 s window (Whisper: 128 bins, 30 s), so one second of
+# audio is 100 feature frames and 25 audio tokens.
+AUDIO_MEL_BINS = 32
+AUDIO_WINDOW_SECONDS = 2
+AUDIO_PROJECTOR_STD = 0.3
+
+
+def _build_qwen2_audio(tok, text: dict):
+    import torch
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
+                              Qwen2Config, WhisperFeatureExtractor)
+
+    extractor = WhisperFeatureExtractor(feature_size=AUDIO_MEL_BINS, sampling_rate=16000, hop_length=160,
+                                        chunk_length=AUDIO_WINDOW_SECONDS, n_fft=400)
+    # The encoder takes exactly 2 * max_source_positions frames (two stride-1/2 convolutions).
+    audio = dict(num_mel_bins=extractor.feature_size, encoder_layers=2, encoder_attention_heads=2,
+                 encoder_ffn_dim=64, d_model=32, max_source_positions=extractor.nb_max_frames // 2)
+    config = Qwen2AudioConfig(audio_config=audio, text_config=Qwen2Config(**text).to_dict(),
+                              audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
+    model = Qwen2AudioForConditionalGeneration(config)
+    _sinusoid_positions(model.model.audio_tower.embed_positions.weight)
+    # Audio embeddings well above the text ones (std 0.02): the first layer's near-uniform
+    # attention then blurs each audio token less, and a tiny model learns to compare the
+    # parts of a clip (e.g. two tones) in ~3x fewer steps (measured on higher_tone).
+    torch.nn.init.normal_(model.model.multi_modal_projector.linear.weight, std=AUDIO_PROJECTOR_STD)
+    processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tok,
+                                    chat_template=QWEN_AUDIO_CHAT_TEMPLATE)
+    return model, processor
+
+
+def _sinusoid_positions(weight) -> None:
+    """Whisper's fixed sinusoidal positions (Qwen2-Audio inherits them; its init leaves them
+    random at std 0.02, too weak for a random encoder to tell the start of a clip from its end)."""
+    import math
+
+    import torch
+
+    length, channels = weight.shape
+    inv = torch.exp(-math.log(10000) / (channels // 2 - 1) * torch.arange(channels // 2))
+    scaled = torch.arange(length).view(-1, 1) * inv.view(1, -1)
+    with torch.no_grad():
+        weight.copy_(torch.cat([scaled.sin(), scaled.cos()], dim=1))
 
 
 def describe(model) -> str:

@@ -27,3 +27,8 @@ def make_adapter(model, processor, *, system_prompt: str | None = None, image=No
     cls = ADAPTERS.get(model_type) if model_type in ADAPTERS else HFChatAdapter
     return cls(processor, system_prompt=system_prompt, image=image or ImageConfig(),
                video=video or VideoConfig(), audio=audio or AudioConfig())
+ADAPTERS.register_lazy("llava", "lightrft_mm.processors.llava:LlavaAdapter")
+ADAPTERS.register_lazy("llava_next", "lightrft_mm.processors.llava:LlavaNextAdapter")
+ADAPTERS.register_lazy("qwen2_audio", "lightrft_mm.processors.qwen_audio:Qwen2AudioAdapter")
+ADAPTERS.register_lazy("qwen2_vl", "lightrft_mm.processors.qwen_vl:QwenVLAdapter")
+ADAPTERS.register_lazy("qwen2_5_vl", "lightrft_mm.processors.qwen_vl:Qwen2_5_VLAdapter")
