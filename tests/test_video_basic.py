@@ -119,3 +119,18 @@ def test_video_config_changes_the_frames(video, image_paths):
         adapter = make_adapter(model, processor, video=cfg)
         grids.append(adapter.encode_one(sample).media["video_grid_thw"][0, 0].item())
     assert grids == [2, 4, 2]  # temporal grid = frames / temporal patch (2)
+
+
+def test_image_guard_reaches_the_qwen_adapter(tmp_path):
+    from PIL import Image
+
+    from lightrft_mm.config import ImageConfig
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2000, 2000), (1, 2, 3)).save(big)
+    sample = Sample.from_dict({"id": "big", "messages": [{"role": "user", "content": [
+        {"type": "image", "image": str(big)}, {"type": "text", "text": "?"}]}]})
+    model, processor = build_tiny("qwen2_5_vl")
+    with pytest.raises(MediaError, match="image.max_pixels_guard"):
+        make_adapter(model, processor, image=ImageConfig(max_pixels_guard=1_000_000)).encode_one(sample)
+    assert make_adapter(model, processor, image=ImageConfig(max_pixels_guard=5_000_000)).encode_one(sample)

@@ -88,7 +88,8 @@ class QwenVLAdapter(HFChatAdapter):
         return PromptEncoding(input_ids, {"mm_token_type_ids": types}, media)
 
     def _images(self, sample: Sample, where: str, media: dict) -> list[int]:
-        images = [load_image(p.image, where=where) for p in sample.media("image")]
+        guard = self.image_cfg.max_pixels_guard
+        images = [load_image(p.image, where=where, max_pixels_guard=guard) for p in sample.media("image")]
         if not images:
             return []
         out = self.image_processor(images=images, return_tensors="pt")
