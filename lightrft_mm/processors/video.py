@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lightrft_mm.errors import MediaError
+from lightrft_mm.processors.image import qwen_smart_resize
 
 BACKENDS = ("auto", "decord", "pyav")
 # qwen-vl-utils defaults, in units of its 28x28-pixel factor.
@@ -230,24 +231,6 @@ def _read_pyav(path: str, spec: dict) -> VideoClip:
     return _clip([decoded[i] for i in idx.tolist()], idx, video_fps, sample_fps, spec["where"])
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: float) -> tuple[int, int]:
-    """Qwen's resize rule: both sides multiples of factor, pixels within bounds, aspect kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise MediaError(f"a {width}x{height} frame has an aspect ratio over 200, which Qwen models "
-                         "cannot encode. Fix: crop or pad the video.")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 def default_video_pixels(image_processor) -> tuple[int, int]:
     """qwen-vl-utils' video budgets for this processor: (per-frame max, whole-video total) pixels."""
     factor = image_processor.patch_size * image_processor.merge_size
@@ -272,7 +255,7 @@ def video_frame_size(height: int, width: int, num_frames: int, image_processor, 
     if max_pixels is not None:
         cap = min(cap, max_pixels)
     factor = image_processor.patch_size * image_processor.merge_size
-    return smart_resize(height, width, factor, lowest, cap)
+    return qwen_smart_resize(height, width, factor=factor, min_pixels=lowest, max_pixels=cap)
 
 
 def qwen_video_inputs(frames: np.ndarray, image_processor, *, max_pixels: int | None = None,
@@ -326,4 +309,4 @@ def qwen_video_inputs(frames: np.ndarray, image_processor, *, max_pixels: int | 
 
 
 __all__ = ["BACKENDS", "VideoClip", "default_video_pixels", "frame_indices", "frame_range", "load_video",
-           "qwen_video_inputs", "smart_resize", "video_frame_size"]
+           "qwen_video_inputs", "video_frame_size"]
