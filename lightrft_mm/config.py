@@ -32,7 +32,8 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, low: float | N
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = opt("tiny:qwen2_5_vl", "A local Hugging Face model folder, or tiny:<family> "
-                            "(qwen2_vl, qwen2_5_vl, llava, qwen2) built offline with random weights.")
+                            "(qwen2_vl, qwen2_5_vl, llava, llava_next, qwen2_audio, qwen2) built offline "
+                            "with random weights.")
     tiny_tokenizer: str = opt("bpe", "Tokenizer of a tiny: model: bpe (small, trained on the fly, fast) "
                               "or qwen (the real 151k Qwen tokenizer; ~30x slower on CPU).",
                               choices=("bpe", "qwen"))

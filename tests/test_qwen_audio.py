@@ -222,3 +222,15 @@ def test_higher_tone_is_balanced_deterministic_and_true_to_its_audio(tmp_path):
             spectrum = np.abs(np.fft.rfft(half))
             assert abs(np.argmax(spectrum) * SR / len(half) - s.meta[key]) < 6
         assert (s.meta["f2"] > s.meta["f1"]) == (s.answer == "higher")
+
+
+def test_higher_tone_needs_both_tones(tmp_path):
+    """No threshold on one tone's pitch gets near the answers: the task asks for a comparison."""
+    from lightrft_mm.datasets.synthetic_audio import higher_tone
+
+    samples = higher_tone(400, 0, tmp_path)
+    higher = np.array([s.answer == "higher" for s in samples])
+    for key, ceiling in (("f2", 0.82), ("f1", 0.62)):
+        pitch = np.array([s.meta[key] for s in samples])
+        best = max(max(np.mean((pitch > t) == higher), np.mean((pitch <= t) == higher)) for t in pitch)
+        assert best <= ceiling, (key, best)

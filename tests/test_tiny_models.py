@@ -53,7 +53,7 @@ def test_qwen_tokenizer_files_give_the_real_vocabulary():
     assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655  # Qwen2.5-VL's id
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "llava_next"])
 def test_checkpoint_reloads_with_transformers(family, tmp_path, image_samples):
     model, processor = build_tiny(family)
     model.save_pretrained(tmp_path)

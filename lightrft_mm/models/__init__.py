@@ -26,8 +26,8 @@ def load_policy(model_cfg, *, seed: int = 0):
 
 def load_pretrained(path: str | Path, *, trust_remote_code: bool = False):
     """Load a model folder with the Auto classes: image-text-to-text when the config has a
-    vision tower, causal LM otherwise; plus its processor (or tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    vision tower, multimodal LM for an audio tower, causal LM otherwise; plus its processor."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
     from lightrft_mm.models.processing import load_processor
 
@@ -38,7 +38,8 @@ def load_pretrained(path: str | Path, *, trust_remote_code: bool = False):
         raise ModelError(f"model folder {folder} {what}. Expected a Hugging Face model folder "
                          "(config.json, *.safetensors, tokenizer files), or tiny:<family>.")
     config = json.loads(config_file.read_text())
-    auto = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+    auto = (AutoModelForImageTextToText if "vision_config" in config
+            else AutoModelForMultimodalLM if "audio_config" in config else AutoModelForCausalLM)
     try:
         model = auto.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -299,6 +299,7 @@ def _build_llava_next(tok, text: dict, image_size: int):
 # audio is 100 feature frames and 25 audio tokens.
 AUDIO_MEL_BINS = 32
 AUDIO_WINDOW_SECONDS = 2
+AUDIO_CONV_STD = 0.4
 AUDIO_PROJECTOR_STD = 0.3
 
 
@@ -309,16 +310,20 @@ def _build_qwen2_audio(tok, text: dict):
 
     extractor = WhisperFeatureExtractor(feature_size=AUDIO_MEL_BINS, sampling_rate=16000, hop_length=160,
                                         chunk_length=AUDIO_WINDOW_SECONDS, n_fft=400)
-    # The encoder takes exactly 2 * max_source_positions frames (two stride-1/2 convolutions).
+    # The encoder takes exactly 2 * max_source_positions frames (its second convolution halves them).
     audio = dict(num_mel_bins=extractor.feature_size, encoder_layers=2, encoder_attention_heads=2,
                  encoder_ffn_dim=64, d_model=32, max_source_positions=extractor.nb_max_frames // 2)
     config = Qwen2AudioConfig(audio_config=audio, text_config=Qwen2Config(**text).to_dict(),
                               audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
     model = Qwen2AudioForConditionalGeneration(config)
     _sinusoid_positions(model.model.audio_tower.embed_positions.weight)
-    # Audio embeddings well above the text ones (std 0.02): the first layer's near-uniform
-    # attention then blurs each audio token less, and a tiny model learns to compare the
-    # parts of a clip (e.g. two tones) in ~3x fewer steps (measured on higher_tone).
+    # At the default std 0.02 the two convolutions shrink the mel features to ~1% of the
+    # sinusoids added after them, and the projected audio tokens are barely larger than text
+    # embeddings, so the first layer's near-uniform attention blurs them into each other.
+    # Measured on higher_tone (compare two tones): supervised, ~3x fewer steps with these
+    # scales; GRPO, >0.9 held-out accuracy in 100-150 steps instead of none in 300.
+    for conv in (model.model.audio_tower.conv1, model.model.audio_tower.conv2):
+        torch.nn.init.normal_(conv.weight, std=AUDIO_CONV_STD)
     torch.nn.init.normal_(model.model.multi_modal_projector.linear.weight, std=AUDIO_PROJECTOR_STD)
     processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tok,
                                     chat_template=QWEN_AUDIO_CHAT_TEMPLATE)

@@ -27,6 +27,8 @@ def make_adapter(model, processor, *, system_prompt: str | None = None, image=No
     cls = ADAPTERS.get(model_type) if model_type in ADAPTERS else HFChatAdapter
     return cls(processor, system_prompt=system_prompt, image=image or ImageConfig(),
                video=video or VideoConfig(), audio=audio or AudioConfig())
+
+
 ADAPTERS.register_lazy("llava", "lightrft_mm.processors.llava:LlavaAdapter")
 ADAPTERS.register_lazy("llava_next", "lightrft_mm.processors.llava:LlavaNextAdapter")
 ADAPTERS.register_lazy("qwen2_audio", "lightrft_mm.processors.qwen_audio:Qwen2AudioAdapter")
