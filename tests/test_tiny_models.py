@@ -5,6 +5,7 @@ from lightrft_mm.errors import ModelError
 from lightrft_mm.models import load_pretrained
 from lightrft_mm.models.processing import load_processor
 from lightrft_mm.models.tiny import FAMILIES, build_tiny, build_tokenizer
+from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.adapter import HFChatAdapter
 
 
@@ -60,8 +61,8 @@ def test_checkpoint_reloads_with_transformers(family, tmp_path, image_samples):
     processor.save_pretrained(tmp_path)
     reloaded, reproc = load_pretrained(tmp_path)
     assert type(reloaded) is type(model)
-    batch = HFChatAdapter(processor).encode_prompts(image_samples)
-    batch2 = HFChatAdapter(load_processor(tmp_path)).encode_prompts(image_samples)
+    batch = make_adapter(model, processor).encode_prompts(image_samples)
+    batch2 = make_adapter(reloaded, load_processor(tmp_path)).encode_prompts(image_samples)
     assert torch.equal(batch.input_ids, batch2.input_ids)
     with torch.no_grad():
         assert torch.allclose(model(**batch.model_inputs()).logits, reloaded(**batch2.model_inputs()).logits)
