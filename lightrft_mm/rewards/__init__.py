@@ -83,6 +83,37 @@ def combine(fns: Sequence[tuple[str, RewardFn, float]], inputs: list[RewardInput
     return totals, parts, errors
 
 
+@dataclass
+class ScoredBatch:
+    """Rewards of one rollout batch, as the trainer consumes them.
+
+    Attributes:
+        rewards: [B, n] weighted totals (0.0 where `valid` is False).
+        valid: [B, n] False where every reward said None (not applicable): such completions
+            are left out of the loss.
+        metrics: logged every step (`reward/mean`, `reward/<name>`, `reward/errors`, ...).
+    """
+
+    rewards: "torch.Tensor"
+    valid: "torch.Tensor"
+    metrics: dict[str, float]
+
+
+def score_rewards(fns: Sequence[tuple[str, RewardFn, float]], inputs: list[RewardInput], n: int) -> ScoredBatch:
+    """Score a group-major batch of B * n completions with every reward (see `combine`)."""
+    import torch
+
+    totals, parts, errors = combine(fns, inputs)
+    rewards = torch.tensor(totals, dtype=torch.float32).view(-1, n)
+    valid = torch.tensor([any(vals[i] is not None for vals in parts.values()) for i in range(len(inputs))],
+                         dtype=torch.bool).view(-1, n)
+    metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+               **{f"reward/{k}": float(sum(v for v in vals if v is not None) / max(sum(v is not None for v in vals), 1))
+                  for k, vals in parts.items()},
+               "reward/errors": sum(errors.values()), "reward/invalid": int((~valid).sum())}
+    return ScoredBatch(rewards, valid, metrics)
+
+
 def resolve(specs) -> list[tuple[str, RewardFn, float]]:
     """Config `rewards:` entries -> (metric name, callable, weight).
 

@@ -25,7 +25,7 @@ from lightrft_mm.models import load_policy
 from lightrft_mm.models.logprobs import forward_logprobs
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.adapter import collate
-from lightrft_mm.rewards import REWARDS, RewardInput, combine, resolve
+from lightrft_mm.rewards import REWARDS, RewardInput, resolve, score_rewards
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.strategy import STRATEGIES
 from lightrft_mm.trainer.checkpoint import save_hf
@@ -82,6 +82,15 @@ def train(cfg: Config) -> dict:
                                   weight_decay=cfg.trainer.weight_decay)
     model, optimizer = strategy.prepare(model, optimizer)
 
+    def rollout_and_score(batch):
+        """Encode a prompt batch, sample n completions each, score them with every reward."""
+        samples, prompts, skipped = _encode(adapter, batch, cfg.data.on_media_error)
+        rollouts = engine.generate(prompts.to(strategy.device), cfg.rollout.n, sampling)
+        inputs = [RewardInput(text, tuple(ids[m.bool()].tolist()), samples[i // cfg.rollout.n], i // cfg.rollout.n)
+                  for i, (text, ids, m) in enumerate(zip(rollouts.texts, rollouts.completion_ids,
+                                                         rollouts.completion_mask))]
+        return samples, rollouts, inputs, score_rewards(reward_fns, inputs, cfg.rollout.n), skipped
+
     metrics = JsonlWriter(out / "metrics.jsonl")
     trajectories = JsonlWriter(out / "trajectories.jsonl") if cfg.logging.completions else None
     before = run_eval()
@@ -90,22 +99,20 @@ def train(cfg: Config) -> dict:
     bar = _progress(cfg)
     for step in range(1, cfg.trainer.max_steps + 1):
         t_step = time.time()
-        # 1. Rollout: n completions per prompt, with their sampling log-probs.
-        samples, prompts, skipped = _encode(adapter, next(batch_iter), cfg.data.on_media_error)
+        # 1-2. Rollout (n completions per prompt, with their sampling log-probs) and rewards
+        #      (every reward sees the completion and its whole Sample).
+        samples, rollouts, inputs, scored, skipped = rollout_and_score(next(batch_iter))
         skipped_media += skipped
-        rollouts = engine.generate(prompts.to(strategy.device), cfg.rollout.n, sampling)
         mask = rollouts.completion_mask
-
-        # 2. Rewards: every reward sees the completion and its whole Sample.
-        n = cfg.rollout.n
-        inputs = [RewardInput(text, tuple(ids[m.bool()].tolist()), samples[i // n], i // n)
-                  for i, (text, ids, m) in enumerate(zip(rollouts.texts, rollouts.completion_ids, mask))]
-        totals, parts, reward_errors = combine(reward_fns, inputs)
-        rewards = torch.tensor(totals, dtype=torch.float32).view(len(samples), n)
+        rewards, reward_valid = scored.rewards, scored.valid
 
         # 3. Advantages: group-normalised rewards, one per completion.
+        #    A completion no reward applied to takes its group's mean (advantage 0) and is left
+        #    out of the loss.
+        rewards = _fill_invalid(rewards, reward_valid)
         advantages = group_advantages(rewards, scale_by_std=cfg.algorithm.scale_by_std).view(-1)
         advantages = advantages.to(strategy.device)
+        mask = mask * reward_valid.view(-1, 1).to(mask.device, mask.dtype)
 
         # 4. Loss on the policy's recomputed log-probs (same positions as generation), and step;
         #    old_logps stay the sampling log-probs across epochs.
@@ -125,10 +132,7 @@ def train(cfg: Config) -> dict:
             strategy.backward(loss)
             grad_norm = strategy.step()
 
-        row = {"step": step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-               **{f"reward/{k}": float(np.mean([v for v in vals if v is not None] or [0.0]))
-                  for k, vals in parts.items()},
-               "reward/errors": sum(reward_errors.values()), "data/skipped_media": skipped_media,
+        row = {"step": step, **scored.metrics, "data/skipped_media": skipped_media,
                "data/filtered_long": train_data.filtered,
                "completion/length": mask.sum(1).float().mean().item(),
                "completion/zero_std_groups": int((rewards.std(dim=1) == 0).sum()),
@@ -140,7 +144,7 @@ def train(cfg: Config) -> dict:
         if trajectories is not None:
             for i in range(min(cfg.logging.completions, len(inputs))):
                 trajectories.write({"step": step, "id": inputs[i].sample.id, "completion": inputs[i].completion,
-                                    "reward": totals[i], "advantage": float(advantages[i])})
+                                    "reward": float(rewards.view(-1)[i]), "advantage": float(advantages[i])})
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
             save_hf(model, processor, out / f"checkpoint-{step}", strategy=strategy)
         bar.update(1)
@@ -180,6 +184,15 @@ def _encode(adapter, samples, policy: str):
     if not kept:
         raise MediaError("every sample of a training batch failed to decode; see the warnings above.")
     return kept, collate(encodings, adapter.pad_token_id), len(samples) - len(kept)
+
+
+def _fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Replace rewards where `valid` is False by the mean of the group's valid ones (or 0)."""
+    if bool(valid.all()):
+        return rewards
+    v = valid.to(rewards.dtype)
+    mean = (rewards * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(valid, rewards, mean)
 
 
 def _frozen_copy(model):
