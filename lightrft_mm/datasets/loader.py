@@ -8,12 +8,15 @@ a resumed run continues with exactly the batches that would have come next.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from lightrft_mm.errors import DataError, MediaError
 from lightrft_mm.schema import Sample, read_jsonl, resolve_media
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -75,6 +78,32 @@ def drop_long(samples: list[Sample], max_tokens: int,
     return kept, len(samples) - len(kept)
 
 
+def drop_unsupported(samples: list[Sample], modalities: frozenset[str] | set[str], where: str = ""
+                     ) -> tuple[list[Sample], int]:
+    """The samples whose media kinds the model takes, and how many were dropped (logged once).
+
+    Args:
+        samples: candidate samples.
+        modalities: media kinds the model's adapter takes besides text (``adapter.modalities``).
+        where: the folder, named in the warning.
+    """
+    kept, dropped = [], {}
+    for s in samples:
+        missing = sorted({p.type for p in s.media()} - set(modalities))
+        if missing:
+            for kind in missing:
+                dropped[kind] = dropped.get(kind, 0) + 1
+        else:
+            kept.append(s)
+    if dropped:
+        takes = ", ".join(["text", *sorted(modalities)])
+        log.warning("%s%d of %d samples hold %s parts, which this model cannot take (it takes %s); they "
+                    "are left out. Fix: train them with a model that takes those modalities.",
+                    f"{where}: " if where else "", len(samples) - len(kept), len(samples),
+                    "/".join(sorted(dropped)), takes)
+    return kept, len(samples) - len(kept)
+
+
 class PromptLoader:
     """Endless, deterministic batches of Samples for one rank.
 
@@ -94,17 +123,19 @@ class PromptLoader:
         rank: This process's rank (default: from torch.distributed, else 0).
         world_size: Number of ranks (default: from torch.distributed, else 1).
         filtered: Samples already dropped as too long (reported by ``filtered``).
+        unsupported: Samples already dropped for media kinds the model cannot take.
     """
 
     def __init__(self, sources: Sequence[Sequence[Sample]], *, batch_size: int, seed: int = 0,
                  weights: Sequence[float] | None = None, rank: int | None = None,
-                 world_size: int | None = None, filtered: int = 0) -> None:
+                 world_size: int | None = None, filtered: int = 0, unsupported: int = 0) -> None:
         if rank is None or world_size is None:
             default_rank, default_world = dist_rank_world()
             rank = default_rank if rank is None else rank
             world_size = default_world if world_size is None else world_size
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.seed, self.filtered = int(batch_size), int(seed), filtered
+        self.unsupported = unsupported
         self.sources = [list(s) for s in sources]
         self.weights = _check_weights(weights, len(self.sources))
         if self.weights is None:
@@ -118,18 +149,28 @@ class PromptLoader:
     def from_paths(cls, paths: Sequence[str | Path], *, batch_size: int, seed: int = 0,
                    weights: Sequence[float] | None = None, max_prompt_tokens: int = 0,
                    token_len: Callable[[Sample], int] | None = None, rank: int | None = None,
-                   world_size: int | None = None) -> "PromptLoader":
-        """Load prepared folders (one source each) and drop prompts over ``max_prompt_tokens``.
+                   world_size: int | None = None, modalities: frozenset[str] | None = None) -> "PromptLoader":
+        """Load prepared folders (one source each) and drop prompts over ``max_prompt_tokens``
+        and, given ``modalities`` (the adapter's), samples with media kinds the model cannot take.
 
         Raises:
             DataError: No paths, weights that do not match them, a folder left empty by the
-                length filter, or ``max_prompt_tokens`` without ``token_len``.
+                filters, or ``max_prompt_tokens`` without ``token_len``.
         """
         if not paths:
             raise DataError("no training samples: data.train is empty. Fix: list prepared shard "
                             "folders, e.g. data.train=[data/geo3k-train].")
         _check_weights(weights, len(paths))  # before the (slow) loading
-        sources, filtered = [load_samples([p]) for p in paths], 0
+        sources, filtered, unsupported = [load_samples([p]) for p in paths], 0, 0
+        if modalities is not None:
+            for i, (path, samples) in enumerate(zip(paths, sources)):
+                sources[i], dropped = drop_unsupported(samples, modalities, where=str(path))
+                unsupported += dropped
+                if samples and not sources[i]:
+                    raise DataError(f"{path}: none of its {len(samples)} samples can be used: they hold "
+                                    f"media this model cannot take (it takes text"
+                                    f"{''.join(', ' + m for m in sorted(modalities))}). Fix: pick a model "
+                                    "for that data, or leave the folder out of data.train.")
         if max_prompt_tokens:
             if token_len is None:
                 raise DataError("data.max_prompt_tokens needs a token-length function (the model's "
@@ -142,15 +183,16 @@ class PromptLoader:
                                     f"data.max_prompt_tokens={max_prompt_tokens} (the shortest has "
                                     f"{min(map(token_len, samples))} tokens). Fix: raise the limit.")
         return cls(sources, batch_size=batch_size, seed=seed, weights=weights, rank=rank,
-                   world_size=world_size, filtered=filtered)
+                   world_size=world_size, filtered=filtered, unsupported=unsupported)
 
     @classmethod
     def from_config(cls, data_cfg, *, seed: int, token_len: Callable[[Sample], int] | None = None,
-                    rank: int | None = None, world_size: int | None = None) -> "PromptLoader":
+                    rank: int | None = None, world_size: int | None = None,
+                    modalities: frozenset[str] | None = None) -> "PromptLoader":
         """The training loader of a `DataConfig` (train, batch_size, weights, max_prompt_tokens)."""
         return cls.from_paths(data_cfg.train, batch_size=data_cfg.batch_size, seed=seed,
                               weights=data_cfg.weights or None, max_prompt_tokens=data_cfg.max_prompt_tokens,
-                              token_len=token_len, rank=rank, world_size=world_size)
+                              token_len=token_len, rank=rank, world_size=world_size, modalities=modalities)
 
     @property
     def samples(self) -> list[Sample]:

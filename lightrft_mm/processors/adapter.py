@@ -67,6 +67,7 @@ class ModelAdapter(Protocol):
 
     pad_token_id: int
     eos_token_id: int
+    modalities: frozenset[str]  # media kinds it takes besides text: "image", "video", "audio"
 
     def encode_prompts(self, samples: list[Sample]) -> PromptBatch: ...
 
@@ -135,6 +136,8 @@ class HFChatAdapter:
         self.system_prompt = system_prompt
         self.pad_token_id = self.tokenizer.pad_token_id
         self.eos_token_id = self.tokenizer.eos_token_id
+        # Media kinds this adapter can put in a prompt (text always works).
+        self.modalities = frozenset({"image"} if getattr(processor, "image_processor", None) else ())
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id
 

@@ -63,6 +63,7 @@ class LlavaAdapter(HFChatAdapter):
 
     def __init__(self, processor, **kwargs):
         super().__init__(processor, **kwargs)
+        self.modalities = frozenset({"image"})
         self.image_token = getattr(processor, "image_token", "<image>")
 
     def encode_one(self, sample: Sample) -> PromptEncoding:

@@ -34,6 +34,7 @@ class Qwen2AudioAdapter(HFChatAdapter):
 
     def __init__(self, processor, **kwargs):
         super().__init__(processor, **kwargs)
+        self.modalities = frozenset({"audio"})
         extractor = processor.feature_extractor
         self.audio_token = getattr(processor, "audio_token", "<|AUDIO|>")
         self.sampling_rate = int(extractor.sampling_rate)

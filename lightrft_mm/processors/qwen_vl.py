@@ -47,6 +47,7 @@ class QwenVLAdapter(HFChatAdapter):
     def __init__(self, processor, *, system_prompt: str | None = None, image=None, video=None,
                  audio=None, model_type: str | None = None):
         super().__init__(processor, system_prompt=system_prompt, image=image, video=video, audio=audio)
+        self.modalities = frozenset({"image", "video"})
         if model_type is None and "second_per_grid_ts" in getattr(processor, "model_input_names", ()):
             model_type = "qwen2_5_vl"
         self.model_type = model_type or type(self).model_type

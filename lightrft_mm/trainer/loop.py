@@ -19,7 +19,8 @@ import torch
 
 from lightrft_mm.algorithms.grpo import group_advantages, policy_loss
 from lightrft_mm.config import Config, to_dict
-from lightrft_mm.datasets.loader import PromptLoader, batches, load_samples, prompt_token_counter
+from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported, load_samples,
+                                         prompt_token_counter)
 from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.models import load_policy
 from lightrft_mm.models.logprobs import forward_logprobs
@@ -55,9 +56,10 @@ def train(cfg: Config) -> dict:
 
     # Data and rewards.
     token_len = prompt_token_counter(adapter) if cfg.data.max_prompt_tokens else None
-    train_data = PromptLoader.from_config(cfg.data, seed=cfg.trainer.seed, token_len=token_len)
+    train_data = PromptLoader.from_config(cfg.data, seed=cfg.trainer.seed, token_len=token_len,
+                                          modalities=adapter.modalities)
     train_samples = train_data.samples
-    eval_samples = load_samples(cfg.data.eval)
+    eval_samples, _ = drop_unsupported(load_samples(cfg.data.eval), adapter.modalities, where="data.eval")
     if cfg.data.eval_max_samples:
         eval_samples = eval_samples[:cfg.data.eval_max_samples]
     batch_iter = iter(train_data)
@@ -133,7 +135,7 @@ def train(cfg: Config) -> dict:
             grad_norm = strategy.step()
 
         row = {"step": step, **scored.metrics, "data/skipped_media": skipped_media,
-               "data/filtered_long": train_data.filtered,
+               "data/filtered_long": train_data.filtered, "data/unsupported": train_data.unsupported,
                "completion/length": mask.sum(1).float().mean().item(),
                "completion/zero_std_groups": int((rewards.std(dim=1) == 0).sum()),
                "grad_norm": grad_norm, "time/step": time.time() - t_step,
