@@ -1,4 +1,4 @@
-"""`lightrft-mm`: train | validate | demo | prepare | data inspect | rewards list."""
+"""`lightrft-mm`: train | validate | demo | prepare | data inspect | rewards list | rewards score."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_parser(sub.add_parser("prepare", help="write unified sample shards"))
     data = sub.add_parser("data", help="look at prepared data").add_subparsers(dest="data_command", required=True)
     inspect_parser(data.add_parser("inspect", help="stats and samples of a prepared folder; --sheet draws them"))
-    rewards = sub.add_parser("rewards", help="registered rewards")
-    rewards.add_argument("action", choices=["list"])
+    from lightrft_mm.rewards.cli import build_parser as rewards_parser
+
+    rewards_parser(sub.add_parser("rewards", help="registered rewards: list them, score completions with them"))
     return parser
 
 
@@ -83,10 +84,9 @@ def _run(args: argparse.Namespace) -> int:
 
         return inspect(args)
     elif args.command == "rewards":
-        from lightrft_mm.rewards import REWARDS
+        from lightrft_mm.rewards.cli import run as rewards
 
-        for name, origin in REWARDS.items():
-            print(f"{name:24s} {origin}")
+        return rewards(args)
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from lightrft_mm.algorithms import presets
+from lightrft_mm.algorithms.presets import Preset
 from lightrft_mm.errors import ConfigError, did_you_mean
 
 
@@ -87,24 +89,125 @@ class RolloutConfig:
     temperature: float = opt(1.0, "Sampling temperature.", low=1e-3)
     top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off).", low=1e-3, high=1.0)
     top_k: int = opt(0, "Sample among the k most likely tokens (0 = off).", low=0)
+    fire_temperature: float = opt(0.0, "FIRE sampling: the first completion token is drawn at this temperature, "
+                                  "the rest at rollout.temperature; log-probs (sampling, old, reference) use the "
+                                  "same per-position temperatures. 0 = off.", low=0.0)
 
 
 @dataclass(frozen=True)
 class RewardSpec:
-    name: str = opt("", "Registered reward name, 'package.module:function' or 'path/file.py:function'.")
-    weight: float = opt(1.0, "Weight of this reward in the sum.")
+    name: str = opt("", "Registered reward name (lightrft-mm rewards list), 'package.module:function', "
+                    "'path/file.py:function', or an installed package's entry point (group lightrft_mm.rewards).")
+    weight: float = opt(1.0, "Weight of this reward in the combined reward (see scoring.combine).")
+    sources: list = opt([], "Route this reward to the samples whose `source` is in this list (e.g. [geo3k]); "
+                        "empty = every sample. A source no training or eval sample has is an error.")
+    timeout: float = opt(300.0, "Seconds this reward may spend on one step's batch; past it the completions it "
+                         "has not scored get None (counted in reward/<name>/timeouts). 0 = no limit.", low=0.0)
+    args: dict = opt({}, "Keyword arguments of a reward factory: e.g. {model: path} for scalar_rm / "
+                     "generative_rm, {url: ...} for remote_rm, {max_length: 64} for overlong (`lightrft-mm "
+                     "rewards list -v` lists each factory's args). A plain reward function takes none.")
+    label: str = opt("", "Name of this reward in metrics and tables (default: the name; 'file.py:fn' gives "
+                     "'fn'). Needed to list one reward twice.")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    combine: str = opt("sum_then_normalize", "How the rewards combine: sum_then_normalize (weighted sum of the raw "
+                       "rewards; the algorithm normalises it per group) or normalize_then_sum (each reward first "
+                       "normalised within its group, (r - mean) / std, then the weighted sum; GDPO).",
+                       choices=("sum_then_normalize", "normalize_then_sum"))
+    fail_fast: bool = opt(False, "Stop the run with a RewardError when a reward raises, times out or returns a "
+                          "bad value (default: that completion's reward is None, counted in reward/errors and "
+                          "reward/timeouts, the first traceback logged).")
 
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = opt("grpo", "Policy-gradient algorithm.", choices=("grpo",))
-    scale_by_std: bool = opt(True, "Divide group-centred rewards by the group std (false = Dr.GRPO).")
-    epochs: int = opt(1, "Optimisation passes over each rollout batch. With 1 the ratio to the sampling "
-                      "policy is 1; later passes are off-policy and the clip acts.", low=1)
-    clip_eps: float = opt(0.2, "PPO ratio clip range epsilon.", low=0.0, high=1.0)
-    kl_coef: float = opt(0.0, "Weight of the k3 KL to the frozen reference (the model after warm-up). "
-                         "0 = no reference model is kept.", low=0.0)
-    entropy_coef: float = opt(0.0, "Weight of the entropy bonus (keeps every answer sampled).", low=0.0)
+    """The policy-gradient algorithm. `name` picks a preset that fills every field left unset;
+    a field you set replaces the preset's value and nothing else (see docs/algorithms.md)."""
+
+    name: str = opt("grpo", "Algorithm preset: sets the defaults of every other algorithm field (see "
+                    "docs/algorithms.md); fields you set override it one by one. A field you set that has no "
+                    "effect with the result is an error, unless it equals the preset's value.",
+                    choices=tuple(presets.PRESETS))
+    advantage: str = opt(Preset("advantage"), "Advantage estimator: group (reward minus group mean, over the "
+                         "group std if scale_by_std), rloo (minus the mean of the other completions), "
+                         "reinforce_pp (token returns whitened over the batch), reinforce_pp_baseline (group "
+                         "mean subtracted, then the same), reinforce (the raw reward).", choices=presets.ADVANTAGES)
+    scale_by_std: bool = opt(Preset("scale_by_std"), "group advantage: divide by the group std (false = Dr.GRPO).")
+    loss: str = opt(Preset("loss"), "Policy loss: ppo (token ratio clip), gspo (one length-normalised ratio per "
+                    "sequence), gmpo (geometric mean of token ratios, clipped in log space), cpgd (clipped "
+                    "log-ratio policy gradient + drift_coef * KL(old || new)), pg (vanilla -A log pi).",
+                    choices=presets.LOSSES)
+    aggregation: str = opt(Preset("aggregation"), "How per-token terms become the loss: token-mean (all tokens "
+                           "weigh the same), seq-mean-token-mean (each completion weighs the same), "
+                           "seq-mean-token-sum (summed over the completion), seq-mean-token-sum-norm (summed, "
+                           "divided by rollout.max_new_tokens; Dr.GRPO).", choices=presets.AGGREGATIONS)
+    clip_eps: float = opt(Preset("clip_eps"), "Lower clip epsilon: ratio >= 1 - clip_eps (ppo, gspo); log-ratio "
+                          ">= -clip_eps (gmpo); log-ratio >= log(1 - clip_eps) (cpgd).", low=0.0, high=1.0)
+    clip_eps_high: float = opt(Preset("clip_eps_high"), "Upper clip epsilon (DAPO's clip-higher when above "
+                               "clip_eps). Unset: clip_eps plus the preset's gap (0.08 dapo, 1e-4 gspo, else 0).",
+                               low=0.0)
+    dual_clip: float = opt(Preset("dual_clip"), "Dual-clip constant c > 1 (ppo, gspo): a negative advantage's loss "
+                           "is capped at c * |A| however large the ratio (0 = off).", low=0.0)
+    epochs: int = opt(Preset("epochs"), "Optimisation passes over each rollout batch. With 1 pass and 1 mini-batch "
+                      "the ratio to the sampling policy is 1; later updates are off-policy and the clip acts.", low=1)
+    mini_batches: int = opt(Preset("mini_batches"), "Optimizer steps per pass: the batch's prompt groups are split "
+                            "into this many mini-batches.", low=1)
+    kl_coef: float = opt(Preset("kl_coef"), "KL coefficient beta towards the frozen reference (the model after "
+                         "warm-up). 0 = no KL term and no reference model.", low=0.0)
+    kl_in: str = opt(Preset("kl_in"), "Where the KL goes: loss (beta * KL added to the loss, GRPO) or reward "
+                     "(beta * KL of the sampling policy subtracted from the rewards before the advantages: "
+                     "per token for reinforce_pp*, summed over the completion otherwise).", choices=("loss", "reward"))
+    kl_estimator: str = opt(Preset("kl_estimator"), "KL estimator of d = logp - ref_logp: k1 = d, k2 = d^2 / 2, "
+                            "k3 = exp(-d) - 1 + d.", choices=presets.KL_ESTIMATORS)
+    kl_clamp: float = opt(Preset("kl_clamp"), "Clamp each token's KL estimate to [-kl_clamp, kl_clamp] (0 = no "
+                          "clamp; k3 with 10 is the 'low-variance KL' of some frameworks).", low=0.0)
+    kl_target: float = opt(Preset("kl_target"), "Adaptive KL controller (Ziegler et al. 2019): after each step, steer "
+                           "kl_coef so the step's KL estimate (loss/kl) approaches this value (0 = fixed).", low=0.0)
+    kl_horizon: int = opt(Preset("kl_horizon"), "Adaptive KL controller horizon, in completions: larger adapts "
+                          "kl_coef more slowly.", low=1)
+    drift_coef: float = opt(Preset("drift_coef"), "cpgd: weight of the policy-drift term KL(pi_old || pi).", low=0.0)
+    dynamic_sampling: bool = opt(Preset("dynamic_sampling"), "DAPO dynamic sampling: drop prompt groups whose "
+                                 "rewards are all equal and sample more prompts until the batch is full.")
+    dynamic_sampling_max_batches: int = opt(Preset("dynamic_sampling_max_batches"), "Most rollout batches sampled "
+                                            "per step to fill it; then train on what was kept (the kept fraction "
+                                            "is logged as sampling/kept_fraction).", low=1)
+    overlong_filter: bool = opt(Preset("overlong_filter"), "Leave completions cut at rollout.max_new_tokens "
+                                "(no end-of-turn) out of the loss (DAPO); logged as completion/truncated.")
+    reward_norm: str = opt(Preset("reward_norm"), "Normalise rewards to mean 0, std 1 before the advantages: over "
+                           "the batch, or running statistics of the whole run; none = off.",
+                           choices=presets.REWARD_NORMS)
+    reward_clip: float = opt(Preset("reward_clip"), "Clip rewards (after normalisation) to [-c, c] (0 = off).",
+                             low=0.0)
+    adv_clip: float = opt(Preset("adv_clip"), "Clip advantages to [-c, c] (0 = off).", low=0.0)
+    entropy_coef: float = opt(Preset("entropy_coef"), "Weight of the entropy bonus (keeps every answer sampled).",
+                              low=0.0)
+    high_entropy_ratio: float = opt(Preset("high_entropy_ratio"), "Train the policy term only on this fraction of "
+                                    "the batch's tokens with the highest entropy (Wang et al. 2025 use 0.2); "
+                                    "1 = every token.", low=0.0, high=1.0)
+    tis_cap: float = opt(Preset("tis_cap"), "Truncated importance sampling: weight each token's policy term by "
+                         "min(pi_old / pi_rollout, tis_cap), with pi_old recomputed by the trainer (0 = off; "
+                         "matters when the rollout engine's log-probs differ from the trainer's).", low=0.0)
+
+    def __post_init__(self):
+        explicit = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "name" and not isinstance(getattr(self, f.name), Preset)}
+        if self.name not in presets.PRESETS:
+            raise ConfigError(f"algorithm.name: {self.name!r} is not one of {', '.join(presets.PRESETS)}."
+                              f"{did_you_mean(self.name, presets.PRESETS)}")
+        for key, value in presets.resolve(self.name, explicit).items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_explicit", explicit)
+
+    def problems(self, cfg: "Config") -> list[str]:
+        """Problems of the resolved algorithm with the rest of the config (see presets.problems)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        found = presets.problems(self.name, self._explicit, values, batch_size=cfg.data.batch_size)
+        if 0 < cfg.rollout.fire_temperature < 1e-3:
+            found.append(f"rollout.fire_temperature: {cfg.rollout.fire_temperature!r} is too close to 0. Fix: "
+                         "0 (off) or a temperature >= 1e-3, e.g. 2.0.")
+        return found
 
 
 @dataclass(frozen=True)
@@ -158,6 +261,7 @@ class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list = field(default_factory=list)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -323,26 +427,36 @@ def _build_rewards(value: Any, problems: list[str]) -> list[RewardSpec]:
     specs = []
     for i, item in enumerate(value):
         item = {"name": item} if isinstance(item, str) else item
+        args = None
+        if isinstance(item, dict):  # args is free-form: checked here, not by _build
+            item = dict(item)
+            args = item.pop("args", None)
         spec = _build(RewardSpec, item, f"rewards[{i}]", problems)
+        if args is not None:
+            if isinstance(args, dict) and all(isinstance(k, str) for k in args):
+                spec = dataclasses.replace(spec, args=dict(args))
+            else:
+                problems.append(f"rewards[{i}].args: {args!r} is not a mapping of names to values. "
+                                "Fix: args: {model: path/to/model}.")
         if not spec.name:
             problems.append(f"rewards[{i}].name: missing. Fix: name a registered reward (lightrft-mm rewards list).")
+        bad = [s for s in spec.sources if not isinstance(s, str) or not s]
+        if bad:
+            problems.append(f"rewards[{i}].sources: {bad!r} are not source names. Fix: a list of strings, "
+                            "e.g. [geo3k].")
         specs.append(spec)
     return specs
 
 
 def _cross_checks(cfg: Config) -> list[str]:
     """Checks that involve several fields or registries."""
-    problems = []
-    from lightrft_mm.rewards import REWARDS
+    from lightrft_mm.rewards import config_problems
 
-    named = [(f"rewards[{i}].name", spec.name) for i, spec in enumerate(cfg.rewards)]
-    for where, name in named + [("trainer.accuracy_reward", cfg.trainer.accuracy_reward)]:
-        if name and ":" not in name and name not in REWARDS:
-            problems.append(f"{where}: {name!r} is not a registered reward.{did_you_mean(name, REWARDS.names())} "
-                            f"Known: {', '.join(REWARDS.names())}.")
+    problems = config_problems(cfg.rewards, cfg.trainer.accuracy_reward)
     from lightrft_mm.datasets.loader import weight_problems
 
     problems += weight_problems(cfg.data.weights, len(cfg.data.train))
+    problems += cfg.algorithm.problems(cfg)
     name = cfg.model.name_or_path
     if name.startswith("tiny:"):
         from lightrft_mm.models.tiny import FAMILIES

@@ -42,7 +42,10 @@ def _get_attr(module: Any, attr: str, target: str) -> Any:
             key for key, value in vars(module).items() if not key.startswith("_")
             and callable(value) and getattr(value, "__module__", None) == module.__name__
         )) or "(none)"
-        raise RegistryError(f"{target!r}: {module.__name__!r} has no attribute {attr!r}; "
+        where = module.__name__
+        if where.startswith(_FILE_MODULE_PREFIX):  # loaded from a file: name the file
+            where = getattr(module, "__file__", None) or where
+        raise RegistryError(f"{target!r}: {where!r} has no attribute {attr!r}; "
                             f"its public callables are: {offers}") from None
     return obj
 
@@ -192,8 +195,26 @@ class Registry:
                                 f"{type(exc).__name__}: {exc}") from exc
         return _get_attr(module, attr, target)
 
+    def import_plugin(self, spec: str) -> Any:
+        """Imports ``"path/to/file.py"`` or ``"package.module"`` so that the entries it registers
+        with decorators exist; returns the module.
+
+        Raises:
+            RegistryError: The file does not exist, or the file or module fails to import.
+        """
+        if spec.endswith(".py"):
+            return self._import_file(spec)
+        try:
+            return importlib.import_module(spec)
+        except Exception as exc:
+            raise RegistryError(f"{self.kind} plugin module {spec!r} failed to import: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
     def _load_file(self, spec: str) -> Any:
         path_text, _, attr = spec.rpartition(":")
+        return _get_attr(self._import_file(path_text), attr, spec)
+
+    def _import_file(self, path_text: str) -> Any:
         path = Path(path_text).expanduser().absolute()
         if not path.is_file():
             raise RegistryError(f"{self.kind} file not found: {path_text!r} (looked at {path}); "
@@ -211,7 +232,7 @@ class Registry:
                 del sys.modules[module_name]
                 raise RegistryError(f"{self.kind} file {path_text!r} ({path}) failed to import: "
                                     f"{type(exc).__name__}: {exc}") from exc
-        return _get_attr(module, attr, spec)
+        return module
 
     def _entry_points(self) -> dict[str, list[Any]]:
         if not self.entry_point_group:

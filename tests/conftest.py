@@ -52,3 +52,29 @@ def image_samples(image_paths):
          "answer": "red", "choices": ["red", "blue"]},
     ]
     return [Sample.from_dict(r) for r in rows]
+
+
+@pytest.fixture
+def installed_reward_plugin(tmp_path, monkeypatch):
+    """An installed package (`lrmm_plugin_pkg`) with a reward in entry point group
+    `lightrft_mm.rewards`: what `pip install` leaves on sys.path, written without network.
+
+    Yields the entry point's name, `politeness` (1.0 when the completion says "please").
+    """
+    import sys
+    import textwrap
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "lrmm_plugin_mod.py").write_text(textwrap.dedent("""
+        def politeness(inputs):
+            return [float("please" in x.completion) for x in inputs]
+    """))
+    info = site / "lrmm_plugin_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lrmm_plugin_pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lightrft_mm.rewards]\npoliteness = lrmm_plugin_mod:politeness\n")
+    (info / "RECORD").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    yield "politeness"
+    sys.modules.pop("lrmm_plugin_mod", None)

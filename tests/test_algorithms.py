@@ -1,18 +1,27 @@
-"""GRPO algorithm functions against hand-computed values."""
+"""Token helpers, advantage estimators and KL estimators against hand-computed values."""
 
 import math
 
 import pytest
 import torch
 
-from lightrft_mm.algorithms.grpo import (
+from lightrft_mm.algorithms.advantages import (
+    compute_advantages,
     group_advantages,
-    kl_k3,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_returns,
+)
+from lightrft_mm.algorithms.kl import adaptive_kl_coef, kl_estimate, kl_k3, kl_reward_penalty
+from lightrft_mm.algorithms.tokens import (
+    aggregate,
     masked_mean,
-    policy_loss,
+    masked_whiten,
     selective_logps,
     token_entropy,
 )
+
+LOG2 = math.log(2.0)
 
 
 # --- group_advantages -------------------------------------------------------------------
@@ -64,7 +73,83 @@ def test_group_advantages_rejects_bad_input():
         group_advantages(torch.tensor([[1.0, float("nan")]]))
 
 
-# --- masked_mean ------------------------------------------------------------------------
+# --- rloo / reinforce++ / returns --------------------------------------------------------
+
+
+def test_rloo_leaves_each_completion_out_of_its_baseline():
+    # Row 0: r0 = 1, others (0, 0, 1) mean 1/3 -> 2/3; r1 = 0, others (1, 0, 1) -> -2/3.
+    # Row 1: 3 - (1 + 2) / 2 = 1.5; 1 - (3 + 2) / 2 = -1.5; 2 - (3 + 1) / 2 = 0.
+    adv = rloo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]]))
+    torch.testing.assert_close(rloo_advantages(torch.tensor([[3.0, 1.0, 2.0]])), torch.tensor([[1.5, -1.5, 0.0]]))
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(torch.tensor([[1.0]]))
+
+
+def test_token_returns_put_the_reward_on_the_last_token_and_sum_to_go():
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    token_rewards = torch.tensor([[-0.1, -0.2, -0.3], [-1.0, -1.0, 5.0]])
+    # Row 0: per-token (-0.1, -0.2, -0.3 + 1) -> to go (0.4, 0.5, 0.7).
+    # Row 1: per-token (-1, -1 + 2), the masked 5 ignored -> (0, 1), then 0.
+    out = token_returns(torch.tensor([1.0, 2.0]), mask, token_rewards)
+    torch.testing.assert_close(out, torch.tensor([[0.4, 0.5, 0.7], [0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(token_returns(torch.tensor([1.0, 2.0]), mask),
+                               torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]))
+
+
+def test_reinforce_pp_whitens_over_the_batch_not_the_group():
+    rewards = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
+    mask = torch.ones(4, 1)
+    # Returns 1, 0, 3, 3: mean 1.75, population var 1.6875 -> std 1.299038.
+    adv = reinforce_pp_advantages(rewards, mask)
+    torch.testing.assert_close(adv.view(-1), torch.tensor([-0.57735, -1.34715, 0.96225, 0.96225]),
+                               atol=1e-4, rtol=0)
+    # Baseline: group means subtracted first -> 0.5, -0.5, 0, 0: mean 0, std 0.353553.
+    adv = reinforce_pp_advantages(rewards, mask, baseline=True)
+    torch.testing.assert_close(adv.view(-1), torch.tensor([1.41421, -1.41421, 0.0, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_reinforce_pp_counts_every_token_and_the_kl_per_token():
+    rewards = torch.tensor([[1.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # Returns: row 0 (1, 1), row 1 (0): mean 2/3, population std sqrt(2/9) = 0.471405.
+    adv = reinforce_pp_advantages(rewards, mask)
+    torch.testing.assert_close(adv, torch.tensor([[0.70711, 0.70711], [-1.41421, 0.0]]), atol=1e-4, rtol=0)
+    # A KL penalty on row 0's first token only lowers that token's return: (0.5, 1) and (0).
+    kl = torch.tensor([[0.5, 0.0], [0.0, 0.0]])
+    adv = reinforce_pp_advantages(rewards, mask, kl_penalty=kl)
+    returns = torch.tensor([0.5, 1.0, 0.0])
+    expected = (returns - returns.mean()) / returns.std(unbiased=False)
+    torch.testing.assert_close(adv[mask.bool()], expected, atol=1e-5, rtol=0)
+
+
+def test_compute_advantages_sequence_estimators_and_kl_in_the_reward():
+    rewards = torch.tensor([[1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    group = compute_advantages("group", rewards, mask, scale_by_std=False)
+    torch.testing.assert_close(group, torch.tensor([[0.5, 0.5, 0.0], [-0.5, -0.5, -0.5]]))
+    # The KL penalty is summed over each completion's counted tokens: 0.1 + 0.1 = 0.2 off the
+    # first reward (the masked 9.0 is not counted) -> rewards (0.8, 0) -> centred +-0.4.
+    kl = torch.tensor([[0.1, 0.1, 9.0], [0.0, 0.0, 0.0]])
+    with_kl = compute_advantages("group", rewards, mask, scale_by_std=False, kl_penalty=kl)
+    torch.testing.assert_close(with_kl[:, 0], torch.tensor([0.4, -0.4]))
+    # With the std: +-0.4 / sample std 0.565685 = +-0.707107.
+    scaled = compute_advantages("group", rewards, mask, kl_penalty=kl)
+    torch.testing.assert_close(scaled[:, 0], torch.tensor([0.70711, -0.70711]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(compute_advantages("reinforce", rewards, mask)[:, 0], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(compute_advantages("rloo", rewards, mask)[:, 0], torch.tensor([1.0, -1.0]))
+    token_level = compute_advantages("reinforce_pp", rewards, mask)
+    torch.testing.assert_close(token_level, reinforce_pp_advantages(rewards, mask))
+
+
+def test_compute_advantages_errors():
+    with pytest.raises(ValueError, match="unknown estimator"):
+        compute_advantages("ppo", torch.zeros(1, 2), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="N = B \\* G = 2"):
+        compute_advantages("group", torch.zeros(1, 2), torch.ones(3, 3))
+
+
+# --- masked_mean / masked_whiten / aggregate ---------------------------------------------
 
 
 def test_masked_mean_values_and_dim():
@@ -84,7 +169,45 @@ def test_masked_mean_all_zero_mask_is_zero_with_finite_grad():
     assert masked_mean(torch.ones(3), torch.zeros(3)).item() == 0.0
 
 
-# --- kl_k3 ------------------------------------------------------------------------------
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0], [100.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    # mean 2, population std sqrt(2/3) = 0.816497
+    expected = torch.tensor([[-1.224745, 0.0, 1.224745], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(masked_whiten(x, mask), expected, atol=1e-5, rtol=0)
+    assert torch.equal(masked_whiten(torch.ones(2, 2), torch.ones(2, 2)), torch.zeros(2, 2))
+
+
+def test_aggregate_modes_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # row 2 counts nothing: not in any mean
+    assert aggregate(values, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(values, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate(values, mask, "seq-mean-token-sum-norm", max_tokens=4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    assert aggregate(values, torch.zeros_like(mask), "seq-mean-token-mean").item() == 0.0
+
+
+def test_aggregate_gradients_weigh_tokens_as_documented():
+    values = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    aggregate(values, mask, "seq-mean-token-mean").backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[1 / 6, 1 / 6, 1 / 6], [0.5, 0.0, 0.0]]))
+    values.grad = None
+    aggregate(values, mask, "token-mean").backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[0.25, 0.25, 0.25], [0.25, 0.0, 0.0]]))
+
+
+def test_aggregate_errors():
+    with pytest.raises(ValueError, match="unknown mode"):
+        aggregate(torch.zeros(1, 2), torch.ones(1, 2), "sum")
+    with pytest.raises(ValueError, match="max_tokens"):
+        aggregate(torch.zeros(1, 2), torch.ones(1, 2), "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="same"):
+        aggregate(torch.zeros(1, 2), torch.ones(1, 3))
+
+
+# --- KL ----------------------------------------------------------------------------------
 
 
 def test_kl_k3_hand_values():
@@ -93,7 +216,7 @@ def test_kl_k3_hand_values():
     # d = ref - logp = log 0.5 -> 0.5 - log 0.5 - 1 = 0.193147
     # d = log 2 -> 2 - log 2 - 1 = 0.306853; d = 0 -> 0
     out = kl_k3(logps, ref_logps)
-    torch.testing.assert_close(out, torch.tensor([0.5 + math.log(2.0) - 1.0, 1.0 - math.log(2.0), 0.0]))
+    torch.testing.assert_close(out, torch.tensor([0.5 + LOG2 - 1.0, 1.0 - LOG2, 0.0]))
     torch.testing.assert_close(out[:2], torch.tensor([0.1931, 0.3069]), atol=1e-4, rtol=0)
 
 
@@ -103,130 +226,43 @@ def test_kl_k3_non_negative():
     assert (kl_k3(logps, ref_logps) >= 0).all()
 
 
-# --- policy_loss ------------------------------------------------------------------------
+def test_kl_estimators_by_hand_with_gradients():
+    ref = torch.tensor([[math.log(0.5), 0.0]])
+    logps = torch.tensor([[0.0, math.log(0.5)]], requires_grad=True)  # d = logp - ref = (log 2, -log 2)
+    k1 = kl_estimate(logps, ref, "k1")
+    torch.testing.assert_close(k1.detach(), torch.tensor([[LOG2, -LOG2]]))
+    k2 = kl_estimate(logps, ref, "k2")
+    torch.testing.assert_close(k2.detach(), torch.tensor([[LOG2 ** 2 / 2, LOG2 ** 2 / 2]]))
+    k3 = kl_estimate(logps, ref, "k3")
+    torch.testing.assert_close(k3.detach(), torch.tensor([[0.5 - 1 + LOG2, 2 - 1 - LOG2]]))
+    # d k2 / d logp = d; d k3 / d logp = 1 - exp(-d); d k1 / d logp = 1.
+    k2.sum().backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[LOG2, -LOG2]]))
+    logps.grad = None
+    k3.sum().backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[0.5, -1.0]]))
+    clamped = kl_estimate(logps, ref, "k1", clamp=0.2)
+    torch.testing.assert_close(clamped.detach(), torch.tensor([[0.2, -0.2]]))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        kl_estimate(logps, ref, "k4")
 
 
-def test_policy_loss_ratio_one_is_minus_mean_advantage():
-    logps = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.3, 0.3, 0.3]]))
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    advantages = torch.tensor([1.0, -2.0])
-    loss, metrics = policy_loss(logps, logps.clone(), advantages, mask)
-    # Token mean over 4 valid tokens: -(1 + 1 + 1 - 2) / 4 = -0.25
-    assert loss.item() == pytest.approx(-0.25)
-    assert metrics["ratio_mean"] == pytest.approx(1.0)
-    assert metrics["clip_fraction"] == 0.0
-    assert metrics["kl"] == 0.0 and metrics["kl_loss"] == 0.0
-    assert metrics["loss"] == pytest.approx(-0.25) and metrics["pg_loss"] == pytest.approx(-0.25)
-    assert "entropy" not in metrics
+def test_kl_reward_penalty_is_a_constant_outside_the_graph():
+    old = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.5), math.log(0.5)]])
+    out = kl_reward_penalty(old, ref, torch.tensor([[1, 0]]), coef=0.5, estimator="k1")
+    torch.testing.assert_close(out, torch.tensor([[0.5 * LOG2, 0.0]]))
+    assert not out.requires_grad
 
 
-def test_policy_loss_clips_positive_and_negative():
-    old_logps = torch.zeros(2, 1)
-    # Row 0: ratio 1.5, A = +2 -> min(3.0, 1.2 * 2 = 2.4) -> loss -2.4
-    # Row 1: ratio 0.5, A = -1 -> min(-0.5, 0.8 * -1 = -0.8) -> loss 0.8
-    logps = torch.log(torch.tensor([[1.5], [0.5]]))
-    loss, metrics = policy_loss(logps, old_logps, torch.tensor([2.0, -1.0]), torch.ones(2, 1))
-    assert loss.item() == pytest.approx((-2.4 + 0.8) / 2)
-    assert metrics["clip_fraction"] == 1.0
-    assert metrics["ratio_mean"] == pytest.approx(1.0)
-
-
-def test_policy_loss_no_clip_when_ratio_moves_against_advantage():
-    # ratio 1.5 with A = -1 is not clipped (the pessimistic term is the unclipped one): 1.5
-    # ratio 0.5 with A = +1 is not clipped either: -0.5
-    logps = torch.log(torch.tensor([[1.5], [0.5]]))
-    advantages = torch.tensor([-1.0, 1.0])
-    loss, metrics = policy_loss(logps, torch.zeros(2, 1), advantages, torch.ones(2, 1))
-    assert loss.item() == pytest.approx((1.5 - 0.5) / 2)
-    assert metrics["clip_fraction"] == 0.0
-
-
-def test_policy_loss_gradient_zero_on_clipped_tokens():
-    # One token per row: clipped (1.5, A>0), clipped (0.5, A<0), unclipped (1.1, A>0), masked
-    logps = torch.log(torch.tensor([[1.5], [0.5], [1.1], [1.5]])).requires_grad_(True)
-    old_logps = torch.zeros(4, 1)
-    advantages = torch.tensor([1.0, -1.0, 1.0, 1.0])
-    mask = torch.tensor([[1], [1], [1], [0]])
-    loss, metrics = policy_loss(logps, old_logps, advantages, mask)
-    loss.backward()
-    grad = logps.grad.squeeze(1)
-    assert grad[0].item() == 0.0 and grad[1].item() == 0.0 and grad[3].item() == 0.0
-    # d/dlogp of -A * exp(logp - old) / 3 = -ratio / 3 for the one live token
-    assert grad[2].item() == pytest.approx(-1.1 / 3)
-    assert metrics["clip_fraction"] == pytest.approx(2 / 3)
-
-
-def test_policy_loss_ignores_masked_tokens():
-    gen = torch.Generator().manual_seed(1)
-    logps = -torch.rand(3, 5, generator=gen)
-    old_logps = -torch.rand(3, 5, generator=gen)
-    ref_logps = -torch.rand(3, 5, generator=gen)
-    entropy = torch.rand(3, 5, generator=gen)
-    advantages = torch.tensor([0.5, -1.0, 2.0])
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    coefs = dict(kl_coef=0.1, entropy_coef=0.01)
-    loss, metrics = policy_loss(
-        logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy, **coefs
-    )
-    junk = ~mask.bool()
-    loss2, metrics2 = policy_loss(
-        logps.masked_fill(junk, 50.0),
-        old_logps.masked_fill(junk, -50.0),
-        advantages,
-        mask,
-        ref_logps=ref_logps.masked_fill(junk, 80.0),
-        entropy=entropy.masked_fill(junk, float("nan")),
-        **coefs,
-    )
-    assert loss2.item() == pytest.approx(loss.item())
-    assert metrics2 == pytest.approx(metrics)
-
-
-def test_policy_loss_kl_and_entropy_terms():
-    logps = torch.zeros(1, 2)
-    ref_logps = torch.full((1, 2), math.log(0.5))
-    entropy = torch.tensor([[1.0, 3.0]])
-    loss, metrics = policy_loss(
-        logps, logps, torch.tensor([0.0]), torch.ones(1, 2),
-        ref_logps=ref_logps, kl_coef=0.5, entropy=entropy, entropy_coef=0.1,
-    )
-    k3 = 0.5 + math.log(2.0) - 1.0
-    assert metrics["kl"] == pytest.approx(k3)
-    assert metrics["kl_loss"] == pytest.approx(0.5 * k3)
-    assert metrics["entropy"] == pytest.approx(2.0)
-    assert metrics["entropy_loss"] == pytest.approx(-0.2)
-    assert loss.item() == pytest.approx(0.5 * k3 - 0.2)
-    # ref_logps with kl_coef 0: the kl metric is reported, the loss does not include it.
-    loss0, metrics0 = policy_loss(
-        logps, logps, torch.tensor([0.0]), torch.ones(1, 2), ref_logps=ref_logps
-    )
-    assert loss0.item() == 0.0 and metrics0["kl"] == pytest.approx(k3) and metrics0["kl_loss"] == 0.0
-
-
-def test_policy_loss_all_masked_is_zero():
-    logps = torch.zeros(2, 3, requires_grad=True)
-    loss, metrics = policy_loss(logps, torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3))
-    loss.backward()
-    assert loss.item() == 0.0 and metrics["clip_fraction"] == 0.0
-    assert torch.equal(logps.grad, torch.zeros(2, 3))
-
-
-def test_policy_loss_shape_errors():
-    x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="advantages has shape"):
-        policy_loss(x, x, torch.zeros(3), x)
-    with pytest.raises(ValueError, match="completion_mask has shape"):
-        policy_loss(x, x, torch.zeros(2), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="old_logps has shape"):
-        policy_loss(x, torch.zeros(3, 2), torch.zeros(2), x)
-    with pytest.raises(ValueError, match="ref_logps has shape"):
-        policy_loss(x, x, torch.zeros(2), x, ref_logps=torch.zeros(2))
-    with pytest.raises(ValueError, match="logps must be"):
-        policy_loss(torch.zeros(6), x, torch.zeros(2), x)
-    with pytest.raises(ValueError, match="needs ref_logps"):
-        policy_loss(x, x, torch.zeros(2), x, kl_coef=0.1)
-    with pytest.raises(ValueError, match="needs entropy"):
-        policy_loss(x, x, torch.zeros(2), x, entropy_coef=0.1)
+def test_adaptive_kl_coefficient_moves_towards_the_target():
+    # error clip(0.03 / 0.01 - 1, +-0.2) = 0.2 -> 0.1 * (1 + 0.2 * 100 / 1000) = 0.102
+    assert adaptive_kl_coef(0.1, 0.03, target=0.01, horizon=1000, n_steps=100) == pytest.approx(0.102)
+    # error 0.009 / 0.01 - 1 = -0.1 -> 0.1 * (1 - 0.1 * 0.1) = 0.099
+    assert adaptive_kl_coef(0.1, 0.009, target=0.01, horizon=1000, n_steps=100) == pytest.approx(0.099)
+    assert adaptive_kl_coef(0.1, float("nan"), target=0.01, horizon=1000, n_steps=100) == 0.1
+    with pytest.raises(ValueError, match="target"):
+        adaptive_kl_coef(0.1, 0.1, target=0.0, horizon=1000, n_steps=1)
 
 
 # --- token_entropy / selective_logps ----------------------------------------------------
@@ -238,7 +274,7 @@ def test_token_entropy_uniform_and_peaked():
     peaked = torch.tensor([[[1000.0, 0.0, 0.0]]])
     assert token_entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
     # p = (0.5, 0.5, 0) up to e^-1000 -> log 2
-    assert token_entropy(torch.tensor([[[5.0, 5.0, -1e4]]])).item() == pytest.approx(math.log(2))
+    assert token_entropy(torch.tensor([[[5.0, 5.0, -1e4]]])).item() == pytest.approx(LOG2)
 
 
 def test_token_entropy_bf16_and_grad():

@@ -19,7 +19,8 @@ RECIPE = ROOT / "recipes" / "demo" / "colors.yaml"
 SECTION_CLASSES = {
     "model": C.ModelConfig, "data": C.DataConfig, "image": C.ImageConfig, "video": C.VideoConfig,
     "audio": C.AudioConfig, "rollout": C.RolloutConfig,
-    "rewards": C.RewardSpec, "algorithm": C.AlgorithmConfig, "strategy": C.StrategyConfig,
+    "rewards": C.RewardSpec, "scoring": C.ScoringConfig, "algorithm": C.AlgorithmConfig,
+    "strategy": C.StrategyConfig,
     "trainer": C.TrainerConfig, "warmup": C.WarmupConfig, "logging": C.LoggingConfig,
 }
 

@@ -11,7 +11,7 @@ import pytest
 
 from lightrft_mm.config import load_config
 from lightrft_mm.errors import ConfigError, RegistryError
-from lightrft_mm.rewards import REWARDS, RewardInput, combine, register_reward, resolve
+from lightrft_mm.rewards import REWARDS, RewardInput, build_reward_set, combine, register_reward
 from lightrft_mm.rewards.rules import boxed_format, exact_match, last_boxed
 from lightrft_mm.schema import Sample
 
@@ -30,6 +30,13 @@ def make_sample(answer="red", choices=COLOURS, system=None, user="What colour is
 def inp(completion, sample=None, group=0):
     return RewardInput(completion=completion, completion_ids=(1, 2, 3),
                        sample=sample if sample is not None else make_sample(), group=group)
+
+
+def apply(fn, x):
+    """One input through the scorer, as training calls it (batched or per-sample, sub-scores)."""
+    from lightrft_mm.rewards import Reward, options_of, run_reward
+
+    return run_reward(Reward("r", fn, batched=options_of(fn).batched), [x], fail_fast=True).values[0]
 
 
 def score(fn, completion, **sample_kwargs):
@@ -218,8 +225,8 @@ def test_registered_reward_resolves_case_and_dash_insensitively(unique_reward_na
 
     # A config may now name it, in any spelling, and it is used by combine.
     cfg = load_config(None, [f"rewards=[{{name: {spelled}, weight: 2.0}}]"])
-    fns = resolve(cfg.rewards)
-    assert [fn for _, fn, _ in fns] == [always_half]
+    fns = build_reward_set(cfg.rewards)
+    assert [r.fn for r in fns.rewards] == [always_half] and fns.rewards[0].weight == 2.0
     totals, _, errors = combine(fns, _inputs())
     assert totals == [1.0, 1.0, 1.0] and errors == {}
 
@@ -244,3 +251,118 @@ def test_unregistered_reward_is_a_config_error(unique_reward_name):
 def test_builtin_rewards_are_registered():
     assert REWARDS.get("Exact-Match") is exact_match
     assert REWARDS.get("BOXED_FORMAT") is boxed_format
+
+
+# --- last_boxed with nested braces --------------------------------------------------------------
+
+def test_last_boxed_nested_braces():
+    assert last_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{2\\sqrt{3}} then \\boxed{\\frac{\\sqrt{3}}{2}}") == "\\frac{\\sqrt{3}}{2}"
+    assert last_boxed("\\boxed{48} and an unclosed \\boxed{12") == "48"
+    assert last_boxed("\\fbox{7}") == "7"
+
+
+# --- think_format -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>the angles add to 180</think> \\boxed{48}", 1.0),
+    ("  <think>reason</think>\nThe answer is \\boxed{2\\sqrt{3}}.", 1.0),
+    ("<think></think>\\boxed{C}", 1.0),                      # public recipes accept empty reasoning
+    ("<think>a</think>\\boxed{}", 0.0),                      # empty answer
+    ("\\boxed{48}", 0.0),                                    # no reasoning block
+    ("<think>a</think> 48", 0.0),                            # no boxed answer
+    ("<think>\\boxed{1}</think> so one", 0.0),               # the box must follow </think>
+    ("x <think>a</think>\\boxed{1}", 0.0),                   # text before <think>
+    ("<think>a<think>b</think>\\boxed{1}", 0.0),             # two openings
+    ("<think>a</think>\\boxed{1}</think>", 0.0),
+])
+def test_think_format(completion, expected):
+    assert apply(REWARDS.get("think_format"), inp(completion)) == expected
+
+
+# --- overlong ---------------------------------------------------------------------------------
+
+def _with_ids(n_tokens):
+    return RewardInput(completion="x", completion_ids=tuple(range(n_tokens)), sample=make_sample(), group=0)
+
+
+@pytest.mark.parametrize("length, expected", [(1, 0.0), (6, 0.0), (7, -0.25), (8, -0.5), (10, -1.0), (11, -1.0)])
+def test_overlong_soft_penalty(length, expected):
+    fn = REWARDS.get("overlong")(max_length=10, buffer=4)
+    assert fn(_with_ids(length)) == pytest.approx(expected)
+
+
+def test_overlong_default_buffer_and_missing_ids():
+    fn = REWARDS.get("overlong")(max_length=20)  # buffer 4
+    assert fn(_with_ids(16)) == 0.0 and fn(_with_ids(18)) == pytest.approx(-0.5)
+    assert fn(RewardInput("text without ids", (), make_sample(), 0)) is None
+
+
+@pytest.mark.parametrize("kwargs", [{"max_length": 10, "buffer": 11}, {"max_length": 0},
+                                    {"max_length": 8, "buffer": 0}])
+def test_overlong_bad_args(kwargs):
+    from lightrft_mm.errors import RewardError
+
+    with pytest.raises(RewardError, match="overlong"):
+        REWARDS.get("overlong")(**kwargs)
+
+
+# --- repetition -------------------------------------------------------------------------------
+
+def test_repetition_penalty():
+    fn = REWARDS.get("repetition")(ngram=2)
+    # bigrams: ab ba ab ba ab -> 5, of which 2 distinct: -(1 - 2/5)
+    assert fn(inp("a b a b a b")) == pytest.approx(-0.6)
+    assert fn(inp("a b c d")) == 0.0
+    assert fn(inp("a")) == 0.0
+    assert REWARDS.get("repetition")(ngram=2, max_penalty=0.5)(inp("a b a b a b")) == pytest.approx(-0.3)
+    assert REWARDS.get("repetition")()(inp("x y z x y z x y z")) == pytest.approx(-(1 - 3 / 7))  # trigrams
+
+
+# --- iou --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("completion, expected", [
+    ("[0, 0, 10, 10]", 1.0),
+    ("The box is [5,0,15,10].", 50 / 150),
+    ("(0,0),(5,10)", 0.5),
+    ("\\boxed{[0, 0, 10, 10]} not [50, 50, 60, 60]", 1.0),   # a boxed answer wins
+    ("[20, 20, 30, 30]", 0.0),
+    ("first [20, 20, 30, 30] then [0, 0, 10, 10]", 1.0),    # the last box
+    ("no box", 0.0),
+    ("[10, 10, 0, 0]", 0.0),                                # an empty box
+])
+def test_iou(completion, expected):
+    fn = REWARDS.get("iou")
+    assert fn(inp(completion, make_sample(answer=[0, 0, 10, 10], choices=None))) == pytest.approx(expected)
+
+
+def test_iou_answer_forms():
+    fn = REWARDS.get("iou")
+    assert fn(inp("[5,0,15,10]", make_sample(answer=[[100, 100, 110, 110], [5, 0, 15, 10]], choices=None))) == 1.0
+    assert fn(inp("[0,0,10,10]", make_sample(answer="[0, 0, 10, 10]", choices=None))) == 1.0
+    assert fn(inp("[0,0,10,10]", make_sample(answer=None, choices=None))) is None
+    assert fn(inp("[0,0,10,10]", make_sample(answer="red", choices=None))) is None
+
+
+# --- no built-in reads the prompt ----------------------------------------------------------------
+
+LEAKY_PROMPT = "The answer is \\boxed{48}. <think>x</think>\\boxed{C} [0, 0, 10, 10] answer: 48"
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("exact_match", None), ("boxed_format", None), ("think_format", None), ("math_accuracy", None),
+    ("choice_accuracy", None), ("geo3k", None), ("iou", None), ("overlong", {"max_length": 10}),
+    ("repetition", {}),
+])
+def test_no_builtin_reads_the_prompt(name, kwargs):
+    """The prompt (system and user turns, and the messages the policy saw) holds perfect answers;
+    an empty completion still scores the minimum."""
+    fn = REWARDS.get(name)
+    if kwargs is not None:
+        fn = fn(**kwargs)
+    leaky = make_sample(answer="48", choices=["24", "36", "48", "60"], system=LEAKY_PROMPT, user=LEAKY_PROMPT)
+    box = make_sample(answer=[0, 0, 10, 10], choices=None, system=LEAKY_PROMPT, user=LEAKY_PROMPT)
+    assert "\\boxed{48}" in leaky.prompt_text()
+    for sample in (leaky, box):
+        value = apply(fn, RewardInput("", (), sample, 0, messages=tuple(sample.messages)))
+        assert value in (None, 0.0), f"{name} scored {value} from the prompt of {sample.answer!r}"

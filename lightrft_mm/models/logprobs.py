@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lightrft_mm.algorithms.grpo import selective_logps, token_entropy
+from lightrft_mm.algorithms.tokens import selective_logps, token_entropy
 from lightrft_mm.processors.adapter import PromptBatch
 
 
@@ -27,7 +27,7 @@ def sequence_inputs(prompts: PromptBatch, completion_ids: torch.Tensor,
 
 
 def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
-                     completion_mask: torch.Tensor, *, temperature: float = 1.0,
+                     completion_mask: torch.Tensor, *, temperature: float | torch.Tensor = 1.0,
                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the completion tokens, and optionally their entropies.
 
@@ -36,7 +36,9 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
         prompts: the [N]-row prompt batch the completions were generated from.
         completion_ids: [N, Tc] right-padded completions.
         completion_mask: [N, Tc] 1 for real completion tokens.
-        temperature: the sampling temperature (log-probs of the sampling distribution).
+        temperature: the sampling temperature (log-probs of the sampling distribution): a
+            float, or a tensor of per-position temperatures, [Tc] or [N, Tc] (FIRE sampling,
+            see `SamplingParams.temperatures`).
         with_entropy: also return per-token entropies [N, Tc].
 
     Returns:
@@ -46,7 +48,9 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
     inputs = sequence_inputs(prompts, completion_ids, completion_mask)
     out = model(**inputs, use_cache=False, logits_to_keep=tc + 1)
     logits = out.logits[:, -tc - 1:-1, :].float()
-    if temperature != 1.0:
+    if isinstance(temperature, torch.Tensor):
+        logits = logits / temperature.to(logits.device, logits.dtype).expand(logits.shape[:2]).unsqueeze(-1)
+    elif temperature != 1.0:
         logits = logits / temperature
     logps = selective_logps(logits, completion_ids)
     entropy = token_entropy(logits) if with_entropy else None

@@ -163,7 +163,8 @@ def _unknown(what: str, name: str, known) -> str:
     return f"Unknown {what} '{name}'.{did_you_mean(name, known)} Known: {', '.join(known)}."
 
 
-def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size: int = 84):
+def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size: int = 84,
+               vision_depth: int = 2, vision_width: int = 32):
     """Build `(model, processor)` for `tiny:<family>`.
 
     Args:
@@ -171,6 +172,8 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
         tokenizer: "bpe" or "qwen".
         seed: seed of the random initialisation (same seed, same weights).
         image_size: images are resized to this square (Qwen: 84 gives 3x3 = 9 visual tokens).
+        vision_depth, vision_width: layers and hidden size of the Qwen-VL vision tower (the
+            benchmarks' vision-heavy model uses a deeper, wider one).
 
     Returns:
         (model in eval mode, fp32, on CPU; processor with a chat template).
@@ -189,7 +192,7 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
     )
     torch.manual_seed(seed)
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        model, processor = _build_qwen_vl(family, tok, text, image_size)
+        model, processor = _build_qwen_vl(family, tok, text, image_size, vision_depth, vision_width)
     elif family == "llava":
         model, processor = _build_llava(tok, text, image_size)
     elif family == "llava_next":
@@ -208,7 +211,7 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
     return model.float().eval(), processor
 
 
-def _build_qwen_vl(family: str, tok, text: dict, image_size: int):
+def _build_qwen_vl(family: str, tok, text: dict, image_size: int, depth: int = 2, width: int = 32):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from lightrft_mm.models.processing import qwen_vl_image_processor_class
@@ -228,15 +231,15 @@ def _build_qwen_vl(family: str, tok, text: dict, image_size: int):
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                      out_hidden_size=text["hidden_size"], fullatt_block_indexes=[1],
+        vision = dict(depth=depth, hidden_size=width, intermediate_size=2 * width, num_heads=2,
+                      out_hidden_size=text["hidden_size"], fullatt_block_indexes=list(range(1, depth, 2)),
                       window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         model = Qwen2_5_VLForConditionalGeneration(config)
     else:
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-        vision = dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2,
+        vision = dict(depth=depth, embed_dim=width, hidden_size=text["hidden_size"], num_heads=2,
                       mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
         model = Qwen2VLForConditionalGeneration(config)

@@ -1,12 +1,20 @@
-"""Rollout with Hugging Face `generate`: batched, n completions per prompt, CPU friendly."""
+"""Rollout with Hugging Face `generate`: batched, n completions per prompt, CPU friendly.
+
+FIRE sampling (Chen et al. 2024, "Flaming-hot Initiation with Regular Execution", arXiv
+2410.21236) draws the first completion token at a high temperature and the rest at the normal
+one: diverse openings, coherent continuations. The returned log-probs are those of the
+distribution each token was drawn from (`SamplingParams.temperatures`), which is also what the
+trainer recomputes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
-from lightrft_mm.algorithms.grpo import selective_logps
+from lightrft_mm.algorithms.tokens import selective_logps
 from lightrft_mm.processors.adapter import HFChatAdapter, PromptBatch
 
 
@@ -19,6 +27,37 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    first_temperature: float = 0.0
+
+    def temperatures(self, length: int) -> float | torch.Tensor:
+        """The temperature of each completion position: a float, or [length] with FIRE on.
+
+        Greedy decoding has no temperature (1.0); with ``first_temperature > 0`` position 0
+        is drawn at it and the others at ``temperature``.
+        """
+        if self.greedy:
+            return 1.0
+        if self.first_temperature <= 0:
+            return self.temperature
+        temps = torch.full((length,), float(self.temperature))
+        temps[:1] = self.first_temperature
+        return temps
+
+
+class _FirstTokenTemperature(LogitsProcessor):
+    """Logits processor for FIRE: temperature `first` at the first new token, `rest` after,
+    then top-k / top-p on the tempered scores (what `generate` does for one temperature)."""
+
+    def __init__(self, prompt_len: int, first: float, rest: float, top_k: int, top_p: float):
+        self.prompt_len, self.first, self.rest = prompt_len, first, rest
+        self.warpers = ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + (
+            [TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores / (self.first if input_ids.shape[1] == self.prompt_len else self.rest)
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        return scores
 
 
 @dataclass
@@ -72,17 +111,23 @@ class HFRolloutEngine:
                       eos_token_id=self.adapter.eos_token_id, pad_token_id=self.adapter.pad_token_id,
                       suppress_tokens=self._suppress or None, output_logits=True,
                       return_dict_in_generate=True)
-        if not sampling.greedy:
+        if not sampling.greedy and sampling.first_temperature > 0:
+            fire = _FirstTokenTemperature(batch.input_ids.shape[1], sampling.first_temperature,
+                                          sampling.temperature, sampling.top_k, sampling.top_p)
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([fire]))
+        elif not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         out = self.model.generate(**batch.model_inputs(), **kwargs)
         if was_training:
             self.model.train()
         ids = out.sequences[:, batch.input_ids.shape[1]:]
         mask = completion_mask_from(ids, self.adapter.eos_token_id)
-        # Raw logits (before processors) at the sampling temperature: the distribution the
-        # training forward recomputes.
+        # Raw logits (before processors) at each position's sampling temperature: the
+        # distribution the training forward recomputes.
         logits = torch.stack(out.logits, dim=1).float()
-        temperature = 1.0 if sampling.greedy else sampling.temperature
+        temperature = sampling.temperatures(ids.shape[1])
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.to(logits.device).view(1, -1, 1)
         logps = selective_logps(logits / temperature, ids) * mask
         ids = ids.masked_fill(mask == 0, self.adapter.pad_token_id)
         return Rollouts(batch, ids, mask, logps, self.adapter.decode(ids), n)

@@ -1,7 +1,8 @@
-"""The GRPO loop, top to bottom: rollout -> reward -> advantages -> loss -> step.
+"""The GRPO-family loop, top to bottom: rollout -> reward -> advantages -> loss -> step.
 
 Everything model-, strategy- or engine-specific sits behind the adapter, strategy and engine
-protocols; the algorithm math is the pure functions of `lightrft_mm.algorithms`.
+protocols; the algorithm math is the pure functions of `lightrft_mm.algorithms`, chosen by
+`cfg.algorithm` (presets and fields: docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightrft_mm.algorithms.grpo import group_advantages, policy_loss
+from lightrft_mm.algorithms.advantages import compute_advantages
+from lightrft_mm.algorithms.kl import adaptive_kl_coef, kl_reward_penalty
+from lightrft_mm.algorithms.losses import policy_loss
+from lightrft_mm.algorithms.stabilisers import (RunningMoments, clip_advantages, finished, high_entropy_mask,
+                                                informative_groups, normalize_rewards)
+from lightrft_mm.algorithms.tokens import masked_mean
 from lightrft_mm.config import Config, to_dict
 from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported, load_samples,
                                          prompt_token_counter)
@@ -26,11 +32,13 @@ from lightrft_mm.models import load_policy
 from lightrft_mm.models.logprobs import forward_logprobs
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.adapter import collate
-from lightrft_mm.rewards import REWARDS, RewardInput, resolve, score_rewards
+from lightrft_mm.rewards import RewardInput, build_reward_set, check_routing, prompt_messages, score_rewards
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.strategy import STRATEGIES
 from lightrft_mm.trainer.checkpoint import save_hf
 from lightrft_mm.trainer.evaluate import evaluate
+from lightrft_mm.trainer.experience import (concat_rollouts, group_rows, mini_batch_rows, renumber_groups,
+                                            select_rows)
 from lightrft_mm.trainer.metrics import JsonlWriter
 from lightrft_mm.trainer.warmup import warmup
 
@@ -52,7 +60,8 @@ def train(cfg: Config) -> dict:
     model.to(strategy.device)
     engine = HFRolloutEngine(model, adapter)
     sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                              first_temperature=cfg.rollout.fire_temperature)
 
     # Data and rewards.
     token_len = prompt_token_counter(adapter) if cfg.data.max_prompt_tokens else None
@@ -63,10 +72,13 @@ def train(cfg: Config) -> dict:
     if cfg.data.eval_max_samples:
         eval_samples = eval_samples[:cfg.data.eval_max_samples]
     batch_iter = iter(train_data)
-    reward_fns = resolve(cfg.rewards)
+    reward_fns = build_reward_set(cfg.rewards, cfg.scoring)
+    unrewarded = check_routing(reward_fns, train_samples, eval_samples)
+    if unrewarded:
+        log.warning("no reward applies to samples of source(s) %s: their completions are left out of the loss "
+                    "(counted in reward/invalid). Fix: the rewards' sources.", ", ".join(unrewarded))
     acc_name = cfg.trainer.accuracy_reward
-    eval_fns = reward_fns + ([] if any(n == acc_name for n, _, _ in reward_fns)
-                             else [(acc_name, REWARDS.get(acc_name), 0.0)])
+    eval_fns = reward_fns.including(acc_name)
 
     def run_eval() -> dict:
         if not eval_samples:
@@ -88,7 +100,9 @@ def train(cfg: Config) -> dict:
         """Encode a prompt batch, sample n completions each, score them with every reward."""
         samples, prompts, skipped = _encode(adapter, batch, cfg.data.on_media_error)
         rollouts = engine.generate(prompts.to(strategy.device), cfg.rollout.n, sampling)
-        inputs = [RewardInput(text, tuple(ids[m.bool()].tolist()), samples[i // cfg.rollout.n], i // cfg.rollout.n)
+        seen = [prompt_messages(s, cfg.data.system_prompt) for s in samples]  # the prompts as the policy saw them
+        inputs = [RewardInput(text, tuple(ids[m.bool()].tolist()), samples[i // cfg.rollout.n], i // cfg.rollout.n,
+                              messages=seen[i // cfg.rollout.n])
                   for i, (text, ids, m) in enumerate(zip(rollouts.texts, rollouts.completion_ids,
                                                          rollouts.completion_mask))]
         return samples, rollouts, inputs, score_rewards(reward_fns, inputs, cfg.rollout.n), skipped
@@ -97,48 +111,93 @@ def train(cfg: Config) -> dict:
     trajectories = JsonlWriter(out / "trajectories.jsonl") if cfg.logging.completions else None
     before = run_eval()
     metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+    alg = cfg.algorithm
+    pad_id = adapter.pad_token_id
+    reward_stats = RunningMoments()  # reward_norm=running
+    kl_coef = alg.kl_coef  # the adaptive controller (kl_target > 0) moves it
     skipped_media = 0
     bar = _progress(cfg)
     for step in range(1, cfg.trainer.max_steps + 1):
         t_step = time.time()
         # 1-2. Rollout (n completions per prompt, with their sampling log-probs) and rewards
-        #      (every reward sees the completion and its whole Sample).
-        samples, rollouts, inputs, scored, skipped = rollout_and_score(next(batch_iter))
+        #      (every reward sees the completion and its whole Sample). DAPO dynamic sampling
+        #      keeps only the groups whose rewards differ and rolls out more prompts to fill up.
+        if alg.dynamic_sampling:
+            rollouts, inputs, scored, skipped, sampled = _informative_batch(
+                rollout_and_score, batch_iter, cfg.data.batch_size, alg.dynamic_sampling_max_batches, pad_id)
+        else:
+            _, rollouts, inputs, scored, skipped = rollout_and_score(next(batch_iter))
+            sampled = {}
         skipped_media += skipped
-        mask = rollouts.completion_mask
         rewards, reward_valid = scored.rewards, scored.valid
 
-        # 3. Advantages: group-normalised rewards, one per completion.
-        #    A completion no reward applied to takes its group's mean (advantage 0) and is left
-        #    out of the loss.
-        rewards = _fill_invalid(rewards, reward_valid)
-        advantages = group_advantages(rewards, scale_by_std=cfg.algorithm.scale_by_std).view(-1)
-        advantages = advantages.to(strategy.device)
-        mask = mask * reward_valid.view(-1, 1).to(mask.device, mask.dtype)
+        # 3. The tokens the loss counts: not those of completions no reward applied to, nor (with
+        #    overlong filtering) those of completions cut at the token budget.
+        mask = rollouts.completion_mask * reward_valid.view(-1, 1).to(rollouts.completion_mask)
+        done = finished(rollouts.completion_ids, adapter.eos_token_id)
+        if alg.overlong_filter:
+            mask = mask * done.unsqueeze(1).to(mask)
+        temps = sampling.temperatures(rollouts.completion_ids.shape[1])  # per position with FIRE
 
-        # 4. Loss on the policy's recomputed log-probs (same positions as generation), and step;
-        #    old_logps stay the sampling log-probs across epochs.
-        ref_logps = None
+        # 4. Advantages [N, T]: rewards normalised / clipped, a completion no reward applied to
+        #    given its group's mean, the KL penalty subtracted when it goes into the reward.
+        rewards = normalize_rewards(rewards, reward_valid, alg.reward_norm, running=reward_stats,
+                                    clip=alg.reward_clip)
+        rewards = _fill_invalid(rewards, reward_valid)
+        ref_logps = kl_penalty = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logps, _ = forward_logprobs(ref_model, rollouts.prompts, rollouts.completion_ids, mask,
-                                                temperature=sampling.temperature)
-        model.train()
-        for _ in range(cfg.algorithm.epochs):
-            logps, entropy = forward_logprobs(model, rollouts.prompts, rollouts.completion_ids, mask,
-                                              temperature=sampling.temperature,
-                                              with_entropy=cfg.algorithm.entropy_coef > 0)
-            loss, stats = policy_loss(logps, rollouts.logps, advantages, mask, clip_eps=cfg.algorithm.clip_eps,
-                                      ref_logps=ref_logps, kl_coef=cfg.algorithm.kl_coef,
-                                      entropy=entropy, entropy_coef=cfg.algorithm.entropy_coef)
-            strategy.backward(loss)
-            grad_norm = strategy.step()
+                ref_logps, _ = forward_logprobs(ref_model, rollouts.prompts, rollouts.completion_ids,
+                                                rollouts.completion_mask, temperature=temps)
+            if alg.kl_in == "reward":
+                kl_penalty = kl_reward_penalty(rollouts.logps, ref_logps, mask, coef=kl_coef,
+                                               estimator=alg.kl_estimator, clamp=alg.kl_clamp)
+        advantages = compute_advantages(alg.advantage, rewards, mask, scale_by_std=alg.scale_by_std,
+                                        kl_penalty=kl_penalty)
+        advantages = clip_advantages(advantages, alg.adv_clip)
 
-        row = {"step": step, **scored.metrics, "data/skipped_media": skipped_media,
+        # 5. Optimise: epochs x mini-batches of whole groups, on the policy's recomputed log-probs
+        #    (same positions as generation). old_logps stay fixed over the updates: the sampling
+        #    log-probs, or (TIS) the trainer's own from before the first update, the sampling
+        #    ones then being the behaviour policy of the truncated importance weight.
+        old_logps = rollouts.logps
+        if alg.tis_cap > 0:
+            with torch.no_grad():
+                old_logps, _ = forward_logprobs(model, rollouts.prompts, rollouts.completion_ids,
+                                                rollouts.completion_mask, temperature=temps)
+        model.train()
+        updates = []
+        for _ in range(alg.epochs):
+            for rows in mini_batch_rows(rewards.shape[0], rollouts.n, alg.mini_batches):
+                part = rollouts if len(rows) == len(inputs) else select_rows(rollouts, rows, pad_id)
+                idx = torch.tensor(rows, device=mask.device)
+                logps, entropy = forward_logprobs(
+                    model, part.prompts, part.completion_ids, part.completion_mask, temperature=temps,
+                    with_entropy=alg.entropy_coef > 0 or alg.high_entropy_ratio < 1)
+                select = (None if alg.high_entropy_ratio == 1
+                          else high_entropy_mask(entropy, mask[idx], alg.high_entropy_ratio))
+                loss, stats = policy_loss(
+                    logps, old_logps[idx], advantages[idx], mask[idx], loss=alg.loss, aggregation=alg.aggregation,
+                    clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
+                    max_tokens=cfg.rollout.max_new_tokens, drift_coef=alg.drift_coef,
+                    behaviour_logps=rollouts.logps[idx], tis_cap=alg.tis_cap, token_select=select,
+                    ref_logps=None if ref_logps is None else ref_logps[idx],
+                    kl_coef=kl_coef if alg.kl_in == "loss" else 0.0, kl_estimator=alg.kl_estimator,
+                    kl_clamp=alg.kl_clamp, entropy=entropy, entropy_coef=alg.entropy_coef)
+                strategy.backward(loss)
+                updates.append({**stats, "grad_norm": strategy.step()})
+        stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        if alg.kl_target > 0 and ref_model is not None:
+            kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], target=alg.kl_target, horizon=alg.kl_horizon,
+                                       n_steps=len(inputs))
+
+        row = {"step": step, **scored.metrics, **sampled, "data/skipped_media": skipped_media,
                "data/filtered_long": train_data.filtered, "data/unsupported": train_data.unsupported,
-               "completion/length": mask.sum(1).float().mean().item(),
-               "completion/zero_std_groups": int((rewards.std(dim=1) == 0).sum()),
-               "grad_norm": grad_norm, "time/step": time.time() - t_step,
+               "completion/length": rollouts.completion_mask.sum(1).float().mean().item(),
+               "completion/truncated": 1.0 - done.float().mean().item(),
+               "completion/zero_std_groups": int((scored.rewards.std(dim=1) == 0).sum()),
+               "grad_norm": stats.pop("grad_norm"), "time/step": time.time() - t_step,
+               **({"kl/coef": kl_coef} if ref_model is not None else {}),
                **{f"loss/{k}": v for k, v in stats.items()}}
         if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
             row.update({f"eval/{k}": v for k, v in run_eval().items()})
@@ -146,7 +205,8 @@ def train(cfg: Config) -> dict:
         if trajectories is not None:
             for i in range(min(cfg.logging.completions, len(inputs))):
                 trajectories.write({"step": step, "id": inputs[i].sample.id, "completion": inputs[i].completion,
-                                    "reward": float(rewards.view(-1)[i]), "advantage": float(advantages[i])})
+                                    "reward": float(scored.rewards.view(-1)[i]),
+                                    "advantage": float(masked_mean(advantages[i], rollouts.completion_mask[i]))})
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
             save_hf(model, processor, out / f"checkpoint-{step}", strategy=strategy)
         bar.update(1)
@@ -186,6 +246,53 @@ def _encode(adapter, samples, policy: str):
     if not kept:
         raise MediaError("every sample of a training batch failed to decode; see the warnings above.")
     return kept, collate(encodings, adapter.pad_token_id), len(samples) - len(kept)
+
+
+def _informative_batch(rollout_and_score, batch_iter, want: int, max_batches: int, pad_id: int):
+    """DAPO dynamic sampling: roll out batches until `want` prompt groups whose rewards differ
+    are kept, or `max_batches` batches were tried; join the kept groups into one step batch.
+
+    If no group of any batch was informative, the last batch is used as it is (its advantages
+    are 0; only the KL and entropy terms act).
+
+    Returns:
+        (rollouts, inputs, scored, skipped media, stats). `scored.metrics` cover every batch
+        rolled out (means weighted by completions, counts summed); `stats` holds
+        sampling/kept_fraction (informative groups / groups rolled out) and sampling/batches.
+    """
+    parts, metrics, seen, informative, skipped = [], [], 0, 0, 0
+    for tries in range(1, max_batches + 1):
+        _, rollouts, inputs, scored, skip = rollout_and_score(next(batch_iter))
+        skipped += skip
+        metrics.append((scored.metrics, len(inputs)))
+        groups = informative_groups(scored.rewards, scored.valid).nonzero().flatten().tolist()
+        seen, informative = seen + scored.rewards.shape[0], informative + len(groups)
+        groups = groups[:want - sum(len(p[3]) for p in parts)]
+        if groups:
+            rows = group_rows(groups, rollouts.n)
+            parts.append((select_rows(rollouts, rows, pad_id), [inputs[i] for i in rows], scored, groups))
+        if sum(len(p[3]) for p in parts) >= want:
+            break
+    stats = {"sampling/kept_fraction": informative / seen, "sampling/batches": tries}
+    if not parts:
+        return rollouts, inputs, scored, skipped, stats
+    joined = type(scored)(torch.cat([sc.rewards[g] for _, _, sc, g in parts]),  # a ScoredBatch
+                          torch.cat([sc.valid[g] for _, _, sc, g in parts]), _merge_metrics(metrics))
+    inputs = renumber_groups([x for _, part_inputs, _, _ in parts for x in part_inputs], rollouts.n)
+    return concat_rollouts([r for r, _, _, _ in parts], pad_id), inputs, joined, skipped, stats
+
+
+def _merge_metrics(metrics: list[tuple[dict, int]]) -> dict:
+    """Metrics of several scored batches: integer counts summed, other numbers averaged, each
+    batch weighted by its completions (over the batches that report the key)."""
+    merged = {}
+    for key in dict.fromkeys(k for m, _ in metrics for k in m):
+        values = [(m[key], w) for m, w in metrics if key in m]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v, _ in values):
+            merged[key] = sum(v for v, _ in values)
+        else:
+            merged[key] = sum(float(v) * w for v, w in values) / max(sum(w for _, w in values), 1)
+    return merged
 
 
 def _fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

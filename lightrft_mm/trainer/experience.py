@@ -1,0 +1,87 @@
+"""Rollout batches as training experience: pick prompt groups, join batches, split mini-batches.
+
+A `Rollouts` is group-major (rows g*n .. g*n+n-1 are prompt g's completions) and its prompts
+keep their per-prompt encodings, so any subset of groups can be re-collated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lightrft_mm.processors.adapter import collate
+from lightrft_mm.rollout.hf import Rollouts
+
+
+def group_rows(groups: list[int], n: int) -> list[int]:
+    """Row indices of the completions of prompt groups `groups` (n completions each)."""
+    return [g * n + j for g in groups for j in range(n)]
+
+
+def select_rows(rollouts: Rollouts, rows: list[int], pad_id: int) -> Rollouts:
+    """The rollouts restricted to `rows` (prompts re-collated, tensors indexed).
+
+    Args:
+        rollouts: a batch of completions.
+        rows: row indices to keep, in order (whole groups, to stay group-major).
+        pad_id: the tokenizer's pad id.
+
+    Returns:
+        A new `Rollouts` on the device of `rollouts`.
+    """
+    if not rows:
+        raise ValueError("select_rows: no rows selected")
+    device = rollouts.completion_ids.device
+    prompts = collate([rollouts.prompts.encodings[i] for i in rows], pad_id).to(device)
+    index = torch.tensor(rows, device=device)
+    return Rollouts(prompts, rollouts.completion_ids[index], rollouts.completion_mask[index],
+                    rollouts.logps[index], [rollouts.texts[i] for i in rows], rollouts.n)
+
+
+def _pad_right(x: torch.Tensor, width: int, value) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Join rollout batches row-wise, right-padding the completions to the longest.
+
+    Args:
+        parts: batches with the same n, on one device.
+        pad_id: the tokenizer's pad id.
+
+    Returns:
+        One `Rollouts` whose rows are those of `parts` in order.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.n for p in parts}) != 1:
+        raise ValueError("concat_rollouts: batches have different n")
+    width = max(p.completion_ids.shape[1] for p in parts)
+    device = parts[0].completion_ids.device
+    prompts = collate([e for p in parts for e in p.prompts.encodings], pad_id).to(device)
+    return Rollouts(prompts,
+                    torch.cat([_pad_right(p.completion_ids, width, pad_id) for p in parts]),
+                    torch.cat([_pad_right(p.completion_mask, width, 0) for p in parts]),
+                    torch.cat([_pad_right(p.logps, width, 0.0) for p in parts]),
+                    [t for p in parts for t in p.texts], parts[0].n)
+
+
+def renumber_groups(inputs: list, n: int) -> list:
+    """Reward inputs of a joined batch, their `group` index set to the row's group."""
+    return [dataclasses.replace(x, group=i // n) for i, x in enumerate(inputs)]
+
+
+def mini_batch_rows(n_groups: int, n: int, mini_batches: int) -> list[list[int]]:
+    """Rows of each mini-batch: the groups split into `mini_batches` contiguous runs.
+
+    Args:
+        n_groups: prompt groups in the batch.
+        n: completions per group.
+        mini_batches: how many mini-batches (capped at `n_groups`).
+
+    Returns:
+        One list of row indices per mini-batch, covering every row once.
+    """
+    chunks = torch.arange(n_groups).tensor_split(min(mini_batches, n_groups))
+    return [group_rows(chunk.tolist(), n) for chunk in chunks]

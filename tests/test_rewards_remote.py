@@ -1,0 +1,209 @@
+"""The remote reward against a local HTTP server started by the test: payload, media as paths
+or base64, retries, garbage answers, a server that is down, timeouts and the concurrency limit."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lightrft_mm.config import load_config
+from lightrft_mm.errors import RewardError
+from lightrft_mm.rewards import REWARDS, RewardInput, RewardSet, build_reward_set, score, score_rewards
+from lightrft_mm.rewards.core import Reward
+from lightrft_mm.schema import Sample
+
+
+class Server:
+    """A scoring server whose behaviour a test sets: `script` lists the answers to give in turn
+    ("ok", "garbage", "500", "400", "short", "slow"); after it runs out every answer is "ok"."""
+
+    def __init__(self):
+        self.script: list[str] = []
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.active = 0
+        self.peak = 0
+        self.delay = 0.0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    server.headers.append(dict(self.headers))
+                    server.active += 1
+                    server.peak = max(server.peak, server.active)
+                    mode = server.script.pop(0) if server.script else "ok"
+                try:
+                    time.sleep(server.delay if mode != "slow" else 2.0)
+                    inputs = body["inputs"]
+                    if mode == "500":
+                        return self._send(500, b"overloaded")
+                    if mode == "400":
+                        return self._send(400, b"bad request")
+                    if mode == "garbage":
+                        return self._send(200, b"<html>not json</html>")
+                    scores = [{"score": len(x["completion"]), "words": len(x["completion"].split())}
+                              if x["source"] != "skip" else None for x in inputs]
+                    if mode == "short":
+                        scores = scores[:-1]
+                    self._send(200, json.dumps({"scores": scores}).encode())
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+            def _send(self, status, payload):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "pic.png"
+    path.write_bytes(b"\x89PNG fake image bytes")
+    return path
+
+
+def _inputs(image, n=4, source="chart"):
+    sample = Sample.from_dict({"id": "q1", "source": source, "answer": "7", "choices": ["7", "8"], "meta": {"k": 1},
+                               "messages": [{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                                                         {"type": "text", "text": "How many?"}]}]})
+    return [RewardInput("w" * (i + 1) + " end", (5, 6), sample, 0) for i in range(n)]
+
+
+def _remote(**args):
+    return REWARDS.get("remote_rm")(**{"backoff": 0.01, **args})
+
+
+def test_scores_payload_and_sub_scores(server, image):
+    fn = _remote(url=server.url, batch_size=3)
+    scored = score_rewards(RewardSet([Reward("remote", fn)]), _inputs(image), 4)
+    assert scored.rewards.view(-1).tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert scored.metrics["reward/remote.words"] == 2.0
+    assert sorted(len(r["inputs"]) for r in server.requests) == [1, 3]  # batch_size per request (concurrent)
+    row = next(r for r in server.requests if len(r["inputs"]) == 3)["inputs"][0]
+    assert {k: row[k] for k in ("id", "source", "group", "completion", "completion_ids", "answer", "choices", "meta")} \
+        == {"id": "q1", "source": "chart", "group": 0, "completion": "w end", "completion_ids": [5, 6], "answer": "7",
+            "choices": ["7", "8"], "meta": {"k": 1}}
+    assert row["messages"][0]["content"][0] == {"type": "image", "image": str(image)}  # media: path
+
+
+def test_media_as_base64(server, image):
+    score(RewardSet([Reward("remote", _remote(url=server.url, media="base64"))]), _inputs(image, 1))
+    part = server.requests[0]["inputs"][0]["messages"][0]["content"][0]
+    prefix = "data:image/png;base64,"
+    assert part["image"].startswith(prefix)
+    assert base64.b64decode(part["image"][len(prefix):]) == image.read_bytes()
+
+
+def test_none_answers_and_config_args(server, image):
+    args = f"{{url: '{server.url}', batch_size: 1, retries: 0}}"
+    cfg = load_config(None, [f"rewards=[{{name: remote_rm, args: {args}}}]"])
+    rs = build_reward_set(cfg.rewards)
+    assert rs.rewards[0].fn.batch_size == 1 and rs.rewards[0].fn.retries == 0
+    scored = score_rewards(rs, _inputs(image, 2, source="skip"), 2)
+    assert scored.valid.tolist() == [[False, False]] and scored.metrics["reward/remote_rm/errors"] == 0
+    assert len(server.requests) == 2
+
+
+def test_retries_then_succeeds(server, image, caplog):
+    server.script = ["500", "garbage", "short"]
+    out = score(RewardSet([Reward("remote", _remote(url=server.url, retries=3))]), _inputs(image, 2))
+    assert out.outcomes["remote"].values == [5.0, 6.0]
+    assert len(server.requests) == 4
+
+
+def test_garbage_after_retries_is_none_counted_and_logged(server, image, caplog):
+    server.script = ["garbage"] * 3
+    with caplog.at_level(logging.WARNING):
+        scored = score_rewards(RewardSet([Reward("remote", _remote(url=server.url, retries=2))]), _inputs(image, 2), 2)
+    assert len(server.requests) == 3
+    assert scored.metrics["reward/remote/errors"] == 2 and scored.valid.tolist() == [[False, False]]
+    assert server.url in caplog.text and "HTTP 200" in caplog.text and "not JSON" in caplog.text
+
+
+def test_client_errors_are_not_retried(server, image, caplog):
+    server.script = ["400"]
+    with caplog.at_level(logging.WARNING):
+        out = score(RewardSet([Reward("remote", _remote(url=server.url, retries=3))]), _inputs(image, 1))
+    assert out.outcomes["remote"].status == ["error"] and len(server.requests) == 1
+    assert "HTTP 400" in caplog.text and server.url in caplog.text
+
+
+def test_server_down(image, caplog):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/score"
+    with caplog.at_level(logging.WARNING):
+        scored = score_rewards(RewardSet([Reward("remote", _remote(url=url, retries=1))]), _inputs(image, 2), 2)
+    assert scored.metrics["reward/remote/errors"] == 2
+    assert url in caplog.text and "no answer" in caplog.text and "2 attempt(s)" in caplog.text
+    with pytest.raises(RewardError, match=f"{url}.*no answer"):
+        score(RewardSet([Reward("remote", _remote(url=url, retries=0))], fail_fast=True), _inputs(image, 1))
+
+
+def test_request_timeout(server, image):
+    server.script = ["slow"]
+    started = time.perf_counter()
+    out = score(RewardSet([Reward("remote", _remote(url=server.url, timeout=0.3, retries=0))]), _inputs(image, 1))
+    assert out.outcomes["remote"].status == ["error"] and time.perf_counter() - started < 1.5
+
+
+def test_concurrency_limit(server, image):
+    server.delay = 0.15
+    score(RewardSet([Reward("remote", _remote(url=server.url, batch_size=1, concurrency=2))]), _inputs(image, 6))
+    assert server.peak == 2
+    server.peak = 0
+    score(RewardSet([Reward("remote", _remote(url=server.url, batch_size=1, concurrency=6))]), _inputs(image, 6))
+    assert server.peak > 2
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"url": "localhost:8000"}, "not an http(s) URL"), ({"url": "http://x", "media": "inline"}, "media"),
+    ({"url": "http://x", "timeout": 0}, "timeout"), ({"url": "http://x", "concurrency": 0}, "concurrency"),
+])
+def test_bad_args(args, words):
+    with pytest.raises(RewardError, match="remote_rm") as info:
+        REWARDS.get("remote_rm")(**args)
+    assert words in str(info.value)
+
+
+def test_headers_and_backoff(server, image):
+    score(RewardSet([Reward("remote", _remote(url=server.url, headers={"Authorization": "Bearer t0k"}))]),
+          _inputs(image, 1))
+    assert server.headers[0]["Authorization"] == "Bearer t0k"
+    for backoff, low, high in ((1.0, 1.0, 5.0), (0.0, 0.0, 0.8)):
+        server.script = ["500"]
+        started = time.perf_counter()
+        remote = _remote(url=server.url, retries=1, backoff=backoff)
+        out = score(RewardSet([Reward("remote", remote)]), _inputs(image, 1))
+        assert low <= time.perf_counter() - started < high and out.outcomes["remote"].values == [5.0]
