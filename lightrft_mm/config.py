@@ -220,6 +220,11 @@ class StrategyConfig:
 class TrainerConfig:
     max_steps: int = opt(100, "GRPO steps (one rollout batch and one optimizer step each).", low=1)
     seed: int = opt(0, "Seed of the model init, data order and sampling.")
+    encode_prompts_once: bool = opt(True, "Encode each prompt once per group of n completions: one prefill "
+                                    "(media included) whose KV cache is copied to the n completions, and "
+                                    "one vision-feature pass per prompt in the training forward (gradients "
+                                    "flow back through it). false: every completion re-encodes its own copy "
+                                    "(slower, same numbers).")
     output_dir: str = opt("runs/default", "Run folder: metrics.jsonl, curves.png, checkpoints.")
     lr: float = opt(1e-5, "AdamW learning rate.", low=0.0)
     adam_beta1: float = opt(0.9, "AdamW beta1.", low=0.0, high=1.0)

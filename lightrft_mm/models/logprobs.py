@@ -4,6 +4,9 @@ The forward sees `prompt + completion` with the same attention mask and the same
 token-aligned extras as generation (Qwen's `mm_token_type_ids`, zeros over the completion),
 so the model derives the same position ids, M-RoPE index included, as it used while
 generating. A test holds max |logp_gen - logp_train| <= 1e-4 in fp32.
+
+With `share_media` (the default) the vision features of each prompt are computed once for
+its group of completions (`lightrft_mm.models.shared`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lightrft_mm.algorithms.tokens import selective_logps, token_entropy
+from lightrft_mm.models.shared import group_encoder_outputs
 from lightrft_mm.processors.adapter import PromptBatch
 
 
@@ -28,7 +32,7 @@ def sequence_inputs(prompts: PromptBatch, completion_ids: torch.Tensor,
 
 def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                      completion_mask: torch.Tensor, *, temperature: float | torch.Tensor = 1.0,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     with_entropy: bool = False, share_media: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the completion tokens, and optionally their entropies.
 
     Args:
@@ -40,12 +44,18 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
             float, or a tensor of per-position temperatures, [Tc] or [N, Tc] (FIRE sampling,
             see `SamplingParams.temperatures`).
         with_entropy: also return per-token entropies [N, Tc].
+        share_media: encode the media of rows that share a prompt once (same result, less work).
 
     Returns:
         (logps [N, Tc], entropy [N, Tc] or None); padded positions hold arbitrary values.
     """
     tc = completion_ids.shape[1]
     inputs = sequence_inputs(prompts, completion_ids, completion_mask)
+    shared = group_encoder_outputs(model, prompts) if share_media else None
+    if shared is not None:
+        encoder_outputs, media = shared
+        inputs = {k: v for k, v in inputs.items() if k not in prompts.media} | media
+        inputs["mm_encoder_outputs"] = encoder_outputs
     out = model(**inputs, use_cache=False, logits_to_keep=tc + 1)
     logits = out.logits[:, -tc - 1:-1, :].float()
     if isinstance(temperature, torch.Tensor):

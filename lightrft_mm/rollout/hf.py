@@ -15,6 +15,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from lightrft_mm.algorithms.tokens import selective_logps
+from lightrft_mm.models.shared import can_prefill_once, prefill_once
 from lightrft_mm.processors.adapter import HFChatAdapter, PromptBatch
 
 
@@ -94,11 +95,14 @@ class HFRolloutEngine:
     Args:
         model: the policy (shared with the trainer: no weight sync needed).
         adapter: the model adapter that encoded the prompts.
+        share_prefill: prefill each prompt once and copy its KV cache to its n completions
+            (`lightrft_mm.models.shared.prefill_once`); False runs the prefill on every copy.
     """
 
-    def __init__(self, model, adapter: HFChatAdapter):
+    def __init__(self, model, adapter: HFChatAdapter, *, share_prefill: bool = True):
         self.model = model
         self.adapter = adapter
+        self.share_prefill = share_prefill
         self._suppress = adapter.special_ids_to_suppress()
 
     @torch.no_grad()
@@ -117,7 +121,13 @@ class HFRolloutEngine:
             kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([fire]))
         elif not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        out = self.model.generate(**batch.model_inputs(), **kwargs)
+        if self.share_prefill and can_prefill_once(prompts, n):
+            # Each prompt (media included) prefilled once, its KV cache copied to its n rows.
+            kwargs["cache"] = prefill_once(self.model, prompts.to(self.model.device), n)
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.token_aligned}
+        else:
+            inputs = batch.model_inputs()
+        out = self.model.generate(**inputs, **kwargs)
         if was_training:
             self.model.train()
         ids = out.sequences[:, batch.input_ids.shape[1]:]

@@ -8,6 +8,7 @@ protocols; the algorithm math is the pure functions of `lightrft_mm.algorithms`,
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import random
@@ -29,7 +30,7 @@ from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported
                                          prompt_token_counter)
 from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.models import load_policy
-from lightrft_mm.models.logprobs import forward_logprobs
+from lightrft_mm.models import logprobs
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.adapter import collate
 from lightrft_mm.rewards import RewardInput, build_reward_set, check_routing, prompt_messages, score_rewards
@@ -58,7 +59,7 @@ def train(cfg: Config) -> dict:
     strategy = STRATEGIES.get(cfg.strategy.name)(device=cfg.strategy.device,
                                                  max_grad_norm=cfg.trainer.max_grad_norm)
     model.to(strategy.device)
-    engine = HFRolloutEngine(model, adapter)
+    engine = HFRolloutEngine(model, adapter, share_prefill=cfg.trainer.encode_prompts_once)
     sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                               top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                               first_temperature=cfg.rollout.fire_temperature)
@@ -115,6 +116,7 @@ def train(cfg: Config) -> dict:
     pad_id = adapter.pad_token_id
     reward_stats = RunningMoments()  # reward_norm=running
     kl_coef = alg.kl_coef  # the adaptive controller (kl_target > 0) moves it
+    forward_logprobs = functools.partial(logprobs.forward_logprobs, share_media=cfg.trainer.encode_prompts_once)
     skipped_media = 0
     bar = _progress(cfg)
     for step in range(1, cfg.trainer.max_steps + 1):
