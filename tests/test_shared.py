@@ -131,3 +131,31 @@ def test_mini_batches_of_whole_groups_keep_the_sharing(setup):
     full, _ = forward_logprobs(model, r.prompts, r.completion_ids, r.completion_mask)
     sub, _ = forward_logprobs(model, part.prompts, part.completion_ids, part.completion_mask)
     assert ((sub - full[N:2 * N]).abs() * part.completion_mask).max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_trainer_flag_switches_the_sharing(tmp_path, monkeypatch, once):
+    import lightrft_mm.models.logprobs as logprobs_module
+    import lightrft_mm.rollout.hf as hf_module
+    from lightrft_mm.config import load_config
+    from lightrft_mm.prepare import prepare_synthetic
+    from lightrft_mm.trainer.loop import train
+
+    calls = {"prefill": 0, "features": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            calls[name] += result is not None
+            return result
+        return wrapper
+
+    monkeypatch.setattr(hf_module, "prefill_once", counting("prefill", hf_module.prefill_once))
+    monkeypatch.setattr(logprobs_module, "group_encoder_outputs",
+                        counting("features", logprobs_module.group_encoder_outputs))
+    prepare_synthetic("colors", tmp_path / "train", n=4, seed=1)
+    train(load_config("recipes/demo/colors.yaml", [
+        f"data.train=[{tmp_path / 'train'}]", "data.eval=[]", f"trainer.output_dir={tmp_path / 'run'}",
+        "trainer.max_steps=1", "data.batch_size=2", "rollout.n=2", "warmup.steps=0", "logging.progress=false",
+        "logging.plot=false", f"trainer.encode_prompts_once={str(once).lower()}"]))
+    assert calls == ({"prefill": 1, "features": 1} if once else {"prefill": 0, "features": 0})
