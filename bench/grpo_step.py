@@ -86,7 +86,7 @@ def ensure_trl_env() -> Path:
 
 # ----------------------------------------------------------------------------------- workers --
 
-def worker_ours(model: Path, data: Path, steps: int, out: Path) -> dict:
+def worker_ours(model: Path, data: Path, steps: int, out: Path, overrides: list[str]) -> dict:
     from lightrft_mm.config import load_config
     from lightrft_mm.trainer.loop import train
 
@@ -96,7 +96,8 @@ def worker_ours(model: Path, data: Path, steps: int, out: Path) -> dict:
         "rollout.temperature=1.0", f"rewards=[{{name: '{data.parent / 'length_reward.py'}:length'}}]",
         "algorithm.kl_coef=0.0", "algorithm.entropy_coef=0.0", f"trainer.lr={LR}", "warmup.steps=0",
         f"trainer.max_steps={steps}", "trainer.eval_every=0", f"trainer.output_dir={out}",
-        "trainer.overwrite=true", "logging.progress=false", "logging.plot=false", "logging.completions=0"])
+        "trainer.overwrite=true", "logging.progress=false", "logging.plot=false", "logging.completions=0",
+        *overrides])
     train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step" in r]
@@ -104,7 +105,7 @@ def worker_ours(model: Path, data: Path, steps: int, out: Path) -> dict:
             "tokens": [r["completion/length"] * PROMPTS * N for r in rows]}
 
 
-def worker_trl(model: Path, data: Path, steps: int, out: Path) -> dict:
+def worker_trl(model: Path, data: Path, steps: int, out: Path, overrides: list[str]) -> dict:
     from datasets import Dataset
     from PIL import Image
     from transformers import TrainerCallback
@@ -151,18 +152,18 @@ def run_worker(args) -> None:
     torch.set_num_threads(THREADS)
     fn = worker_ours if args.worker == "ours" else worker_trl
     with tempfile.TemporaryDirectory() as tmp:
-        result = fn(Path(args.model), Path(args.data), args.steps, Path(tmp) / "run")
+        result = fn(Path(args.model), Path(args.data), args.steps, Path(tmp) / "run", args.set)
     result["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ---------------------------------------------------------------------------------- driver --
 
-def launch(side: str, python: Path, model: Path, data: Path, steps: int) -> dict:
+def launch(side: str, python: Path, model: Path, data: Path, steps: int, overrides: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--model", str(model),
-           "--data", str(data), "--steps", str(steps)]
+           "--data", str(data), "--steps", str(steps)] + [f"--set={o}" for o in overrides if side == "ours"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -186,6 +187,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="warm-up steps of each run left out (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="runs per side, alternating with --vs-trl")
     p.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer and print the ratio")
+    p.add_argument("--set", action="append", default=[], metavar="section.key=value",
+                   help="config override for our side, e.g. --set trainer.encode_prompts_once=false")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -203,13 +206,14 @@ def main() -> None:
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.rounds):
             for side, python in sides.items():  # A B A B ...
-                runs[side].append(launch(side, python, model, data, args.steps))
+                runs[side].append(launch(side, python, model, data, args.steps, args.set))
                 last = runs[side][-1]["step_s"][args.skip:]
                 print(f"round {r + 1}/{args.rounds} {side:>4}: median {statistics.median(last):.3f} s/step",
                       flush=True)
     results = {side: summarise(rs, args.skip) for side, rs in runs.items()}
     print(f"\nconfig={args.config}: {PROMPTS} prompts x {N} completions, <= {NEW_TOKENS} new tokens, "
-          f"fp32, {THREADS} threads, {args.rounds} run(s) x {args.steps - args.skip} timed steps per side")
+          f"fp32, {THREADS} threads, {args.rounds} run(s) x {args.steps - args.skip} timed steps per side"
+          + (f"; ours with {' '.join(args.set)}" if args.set else ""))
     print(f"{'':>6} {'s/step':>8} {'samples/s':>10} {'tokens/s':>9} {'peak RSS MiB':>13}")
     for side, s in results.items():
         print(f"{side:>6} {s['s_step']:8.3f} {s['samples_s']:10.1f} {s['tokens_s']:9.1f} {s['peak_rss_mib']:13.0f}")
