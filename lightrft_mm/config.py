@@ -220,6 +220,10 @@ class StrategyConfig:
 class TrainerConfig:
     max_steps: int = opt(100, "GRPO steps (one rollout batch and one optimizer step each).", low=1)
     seed: int = opt(0, "Seed of the model init, data order and sampling.")
+    micro_batch_groups: int = opt(0, "Prompt groups (n completions each) per forward/backward pass; the "
+                                  "passes of a mini-batch accumulate into one optimizer step with the same "
+                                  "result. Groups are bucketed by length, so each pass pads little. 0 = one "
+                                  "pass per mini-batch. Lower it when activations do not fit in memory.", low=0)
     encode_prompts_once: bool = opt(True, "Encode each prompt once per group of n completions: one prefill "
                                     "(media included) whose KV cache is copied to the n completions, and "
                                     "one vision-feature pass per prompt in the training forward (gradients "

@@ -171,3 +171,27 @@ def selective_logps(logits: Tensor, tokens: Tensor, temperature: float = 1.0) ->
         return row.gather(-1, index[i]).squeeze(-1) - torch.logsumexp(row, dim=-1)
 
     return _rowwise(logits, temperature, logps)
+
+
+def micro_batch_weight(micro_mask: Tensor, batch_mask: Tensor, mode: str = "token-mean") -> float:
+    """Weight of a micro-batch's aggregated loss so that the weighted sum over the micro-batches
+    of a batch equals the aggregate over the whole batch (gradient accumulation, exact).
+
+    ``token-mean`` averages over tokens, so a micro-batch weighs its share of the counted tokens;
+    the sequence means weigh its share of the counted completions.
+
+    Args:
+        micro_mask: [n, T] mask of the micro-batch's rows.
+        batch_mask: [N, T'] mask of the whole batch (the micro-batch's rows included).
+        mode: one of ``AGGREGATIONS``.
+
+    Returns:
+        The weight in [0, 1] (0 when the batch counts nothing).
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"micro_batch_weight: unknown mode {mode!r}; expected one of {', '.join(AGGREGATIONS)}")
+    if mode == "token-mean":
+        part, whole = micro_mask.bool().sum(), batch_mask.bool().sum()
+    else:
+        part, whole = micro_mask.bool().any(dim=1).sum(), batch_mask.bool().any(dim=1).sum()
+    return float(part) / float(whole) if int(whole) else 0.0

@@ -28,15 +28,18 @@ def select_rows(rollouts: Rollouts, rows: list[int], pad_id: int) -> Rollouts:
         pad_id: the tokenizer's pad id.
 
     Returns:
-        A new `Rollouts` on the device of `rollouts`.
+        A new `Rollouts` on the device of `rollouts`, its completions cut to the longest
+        selected one (so per-token tensors of the full batch need `[:, :width]` to match).
     """
     if not rows:
         raise ValueError("select_rows: no rows selected")
     device = rollouts.completion_ids.device
     prompts = collate([rollouts.prompts.encodings[i] for i in rows], pad_id).to(device)
     index = torch.tensor(rows, device=device)
-    return Rollouts(prompts, rollouts.completion_ids[index], rollouts.completion_mask[index],
-                    rollouts.logps[index], [rollouts.texts[i] for i in rows], rollouts.n)
+    mask = rollouts.completion_mask[index]
+    width = max(int(mask.sum(dim=1).max()), 1)  # drop completion columns no selected row uses
+    return Rollouts(prompts, rollouts.completion_ids[index, :width], mask[:, :width],
+                    rollouts.logps[index, :width], [rollouts.texts[i] for i in rows], rollouts.n)
 
 
 def _pad_right(x: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -85,3 +88,23 @@ def mini_batch_rows(n_groups: int, n: int, mini_batches: int) -> list[list[int]]
     """
     chunks = torch.arange(n_groups).tensor_split(min(mini_batches, n_groups))
     return [group_rows(chunk.tolist(), n) for chunk in chunks]
+
+
+def micro_batch_rows(rows: list[int], n: int, lengths: torch.Tensor, groups_per_micro: int) -> list[list[int]]:
+    """Split a mini-batch (whole groups, group-major) into micro-batches of whole groups, bucketed
+    by length: groups are sorted by their longest row, so each micro-batch pads little.
+
+    Args:
+        rows: the mini-batch's row indices (n consecutive rows per group).
+        n: completions per group.
+        lengths: [N] tokens of every row of the full batch (prompt + completion).
+        groups_per_micro: groups per micro-batch; 0 = one micro-batch holding everything.
+
+    Returns:
+        The micro-batches' row lists, covering `rows` once.
+    """
+    groups = [rows[i:i + n] for i in range(0, len(rows), n)]
+    if groups_per_micro <= 0 or groups_per_micro >= len(groups):
+        return [rows]
+    groups.sort(key=lambda g: int(lengths[g].max()))
+    return [[r for g in groups[i:i + groups_per_micro] for r in g] for i in range(0, len(groups), groups_per_micro)]

@@ -24,7 +24,7 @@ from lightrft_mm.algorithms.kl import adaptive_kl_coef, kl_reward_penalty
 from lightrft_mm.algorithms.losses import policy_loss
 from lightrft_mm.algorithms.stabilisers import (RunningMoments, clip_advantages, finished, high_entropy_mask,
                                                 informative_groups, normalize_rewards)
-from lightrft_mm.algorithms.tokens import masked_mean
+from lightrft_mm.algorithms.tokens import masked_mean, micro_batch_weight
 from lightrft_mm.config import Config, to_dict
 from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported, load_samples,
                                          prompt_token_counter)
@@ -38,8 +38,8 @@ from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.strategy import STRATEGIES
 from lightrft_mm.trainer.checkpoint import save_hf
 from lightrft_mm.trainer.evaluate import evaluate
-from lightrft_mm.trainer.experience import (concat_rollouts, group_rows, mini_batch_rows, renumber_groups,
-                                            select_rows)
+from lightrft_mm.trainer.experience import (concat_rollouts, group_rows, micro_batch_rows, mini_batch_rows,
+                                            renumber_groups, select_rows)
 from lightrft_mm.trainer.metrics import JsonlWriter
 from lightrft_mm.trainer.warmup import warmup
 
@@ -169,25 +169,36 @@ def train(cfg: Config) -> dict:
                                                 rollouts.completion_mask, temperature=temps)
         model.train()
         updates = []
+        lengths = rollouts.prompts.attention_mask.sum(1) + rollouts.completion_mask.sum(1)
         for _ in range(alg.epochs):
             for rows in mini_batch_rows(rewards.shape[0], rollouts.n, alg.mini_batches):
-                part = rollouts if len(rows) == len(inputs) else select_rows(rollouts, rows, pad_id)
-                idx = torch.tensor(rows, device=mask.device)
-                logps, entropy = forward_logprobs(
-                    model, part.prompts, part.completion_ids, part.completion_mask, temperature=temps,
-                    with_entropy=alg.entropy_coef > 0 or alg.high_entropy_ratio < 1)
-                select = (None if alg.high_entropy_ratio == 1
-                          else high_entropy_mask(entropy, mask[idx], alg.high_entropy_ratio))
-                loss, stats = policy_loss(
-                    logps, old_logps[idx], advantages[idx], mask[idx], loss=alg.loss, aggregation=alg.aggregation,
-                    clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high, dual_clip=alg.dual_clip,
-                    max_tokens=cfg.rollout.max_new_tokens, drift_coef=alg.drift_coef,
-                    behaviour_logps=rollouts.logps[idx], tis_cap=alg.tis_cap, token_select=select,
-                    ref_logps=None if ref_logps is None else ref_logps[idx],
-                    kl_coef=kl_coef if alg.kl_in == "loss" else 0.0, kl_estimator=alg.kl_estimator,
-                    kl_clamp=alg.kl_clamp, entropy=entropy, entropy_coef=alg.entropy_coef)
-                strategy.backward(loss)
-                updates.append({**stats, "grad_norm": strategy.step()})
+                # Gradient accumulation over micro-batches of whole groups (bucketed by length),
+                # each loss weighted so that the sum is the mini-batch's loss; one optimizer step.
+                parts = []
+                for micro in micro_batch_rows(rows, rollouts.n, lengths, cfg.trainer.micro_batch_groups):
+                    part = rollouts if len(micro) == len(inputs) else select_rows(rollouts, micro, pad_id)
+                    idx, width = torch.tensor(micro, device=mask.device), part.completion_ids.shape[1]
+                    cut = lambda t: None if t is None else t[idx, :width]  # noqa: E731
+                    logps, entropy = forward_logprobs(
+                        model, part.prompts, part.completion_ids, part.completion_mask,
+                        temperature=temps[:width] if isinstance(temps, torch.Tensor) else temps,
+                        with_entropy=alg.entropy_coef > 0 or alg.high_entropy_ratio < 1)
+                    select = (None if alg.high_entropy_ratio == 1
+                              else high_entropy_mask(entropy, cut(mask), alg.high_entropy_ratio))
+                    loss, stats = policy_loss(
+                        logps, cut(old_logps), cut(advantages), cut(mask), loss=alg.loss,
+                        aggregation=alg.aggregation, clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high,
+                        dual_clip=alg.dual_clip, max_tokens=cfg.rollout.max_new_tokens, drift_coef=alg.drift_coef,
+                        behaviour_logps=cut(rollouts.logps), tis_cap=alg.tis_cap, token_select=select,
+                        ref_logps=cut(ref_logps), kl_coef=kl_coef if alg.kl_in == "loss" else 0.0,
+                        kl_estimator=alg.kl_estimator, kl_clamp=alg.kl_clamp, entropy=entropy,
+                        entropy_coef=alg.entropy_coef)
+                    weight = micro_batch_weight(cut(mask), mask[rows], alg.aggregation)
+                    strategy.backward(loss * weight)
+                    parts.append((stats, weight))
+                total = sum(w for _, w in parts) or 1.0
+                updates.append({**{k: sum(st[k] * w for st, w in parts) / total for k in parts[0][0]},
+                                "grad_norm": strategy.step()})
         stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         if alg.kl_target > 0 and ref_model is not None:
             kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], target=alg.kl_target, horizon=alg.kl_horizon,
