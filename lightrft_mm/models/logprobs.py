@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from lightrft_mm.algorithms.tokens import selective_logps, token_entropy
-from lightrft_mm.models.shared import group_encoder_outputs
+from lightrft_mm.models.shared import group_encoder_outputs, group_prompt_embeddings
 from lightrft_mm.processors.adapter import PromptBatch
 
 
@@ -52,10 +52,15 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
     tc = completion_ids.shape[1]
     inputs = sequence_inputs(prompts, completion_ids, completion_mask)
     shared = group_encoder_outputs(model, prompts) if share_media else None
+    prompt_embeds = group_prompt_embeddings(model, prompts) if share_media and shared is None else None
     if shared is not None:
         encoder_outputs, media = shared
         inputs = {k: v for k, v in inputs.items() if k not in prompts.media} | media
         inputs["mm_encoder_outputs"] = encoder_outputs
+    elif prompt_embeds is not None:
+        completion_embeds = model.get_input_embeddings()(completion_ids)
+        inputs = {k: v for k, v in inputs.items() if k not in prompts.media and k != "input_ids"}
+        inputs["inputs_embeds"] = torch.cat([prompt_embeds, completion_embeds.to(prompt_embeds.dtype)], dim=1)
     out = model(**inputs, use_cache=False, logits_to_keep=tc + 1)
     logits = out.logits[:, -tc - 1:-1, :].float()
     if isinstance(temperature, torch.Tensor):

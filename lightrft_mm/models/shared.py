@@ -9,7 +9,9 @@ loss forward). Here:
   from there without media.
 - **Training forward** (`group_encoder_outputs`): the vision features of each prompt are computed
   once, with gradients, and handed to the model (`mm_encoder_outputs`) for its n rows; the
-  gradients of the n rows flow back through the one computation.
+  gradients of the n rows flow back through the one computation. Models without that input
+  (Qwen2-Audio) get the prompt's input embeddings instead (`group_prompt_embeddings`): the
+  model merges each prompt's media into its embeddings once, and the n rows continue from them.
 
 Both give the same numbers as the per-row path (tests hold log-prob parity <= 1e-4 in fp32).
 A batch's groups are found from its encodings: consecutive rows built from the same
@@ -20,6 +22,8 @@ re-collate rows, keep those objects).
 from __future__ import annotations
 
 import inspect
+
+import torch
 
 from lightrft_mm.processors.adapter import PromptBatch, collate
 
@@ -99,6 +103,49 @@ def group_encoder_outputs(model, prompts: PromptBatch) -> tuple[dict, dict] | No
     return outputs, rest
 
 
+class _Captured(Exception):
+    """Raised by a hook to stop a forward once the input embeddings are known."""
+
+
+def group_prompt_embeddings(model, prompts: PromptBatch):
+    """Each group's prompt embeddings, media merged in by the model itself, computed once and
+    repeated for its rows: [N, Tp, H] (with gradients), or None when there is nothing to share.
+
+    For models that take no precomputed media features but do take `inputs_embeds` and place
+    tokens by the attention mask alone (not Qwen's M-RoPE, which needs the token ids).
+    """
+    sizes = prompt_groups(prompts)
+    base = _base(model)
+    language_model = getattr(base, "language_model", None)
+    if (not prompts.media or not sizes or max(sizes) == 1 or language_model is None
+            or hasattr(base, "rope_deltas")):
+        return None
+    firsts = [sum(sizes[:g]) for g in range(len(sizes))]
+    unique = collate([prompts.encodings[i] for i in firsts], 0).to(prompts.input_ids.device)
+    if unique.input_ids.shape != (len(sizes), prompts.input_ids.shape[1]):
+        return None  # the groups' prompts are not padded alike: nothing to reuse safely
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+        raise _Captured
+
+    # The model's own merge of text and media (its forward up to the language model).
+    handle = language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        base(input_ids=unique.input_ids, attention_mask=unique.attention_mask, **unique.token_aligned,
+             **unique.media)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "embeds" not in captured:
+        return None
+    index = torch.repeat_interleave(torch.arange(len(sizes), device=prompts.input_ids.device),
+                                    torch.tensor(sizes, device=prompts.input_ids.device))
+    return captured["embeds"][index]
+
+
 def prefill_once(model, prompts: PromptBatch, n: int):
     """Prefill every prompt (media included) once, all tokens but the last, and copy the KV
     cache to its n completions (group-major). Returns the cache for `generate(cache=...)`.
@@ -131,6 +178,7 @@ def can_prefill_once(prompts: PromptBatch, n: int) -> bool:
     return all(not bool(v[:, -1].any()) for v in prompts.token_aligned.values())
 
 
-__all__ = ["ENCODER_INPUTS", "can_prefill_once", "group_encoder_outputs", "prefill_once", "prompt_groups",
+__all__ = ["ENCODER_INPUTS", "can_prefill_once", "group_encoder_outputs", "group_prompt_embeddings",
+           "prefill_once", "prompt_groups",
            "supports_encoder_reuse"]
 
