@@ -61,12 +61,12 @@ def supports_encoder_reuse(model) -> bool:
 
 
 def _items(encoding, kind: str) -> int:
-    """How many media items of `kind` one prompt holds."""
+    """How many media items of `kind` one prompt holds (a layout row, or an encoder-input row, per item)."""
     key, layout = ENCODER_INPUTS[kind]
-    for name in layout:
-        if name in encoding.media and name != "image_sizes":
-            return int(encoding.media[name].shape[0])  # Qwen: one grid row per item
-    return int(encoding.media[key].shape[0]) if key in encoding.media else 0
+    for name in (*layout, key):  # layout first: Qwen's pixel rows are patches, its grid rows items
+        if name in encoding.media:
+            return int(encoding.media[name].shape[0])
+    return 0
 
 
 def group_encoder_outputs(model, prompts: PromptBatch) -> tuple[dict, dict] | None:
