@@ -1,4 +1,5 @@
-"""Shared fixtures: small images and Samples made on the fly (no hub, no network)."""
+"""Shared fixtures: small images and Samples made on the fly (no hub, no network), and the
+held-out check the demo tests share."""
 
 from __future__ import annotations
 
@@ -78,3 +79,27 @@ def installed_reward_plugin(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     yield "politeness"
     sys.modules.pop("lrmm_plugin_mod", None)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_accuracy():
+    """`(checkpoint, folders, max_new_tokens=) -> [accuracy per folder]` (see `_checkpoint_accuracy`)."""
+    return _checkpoint_accuracy
+
+
+def _checkpoint_accuracy(checkpoint, folders, *, max_new_tokens: int) -> list[float]:
+    """Greedy exact-match accuracy of a saved checkpoint on each prepared folder, evaluated the
+    way the trainer does (the family's adapter, the HF rollout engine)."""
+    from lightrft_mm.datasets.loader import load_samples
+    from lightrft_mm.models import load_pretrained
+    from lightrft_mm.processors import make_adapter
+    from lightrft_mm.rewards import REWARDS
+    from lightrft_mm.rollout.hf import HFRolloutEngine
+    from lightrft_mm.trainer.evaluate import evaluate
+
+    model, processor = load_pretrained(checkpoint)
+    adapter = make_adapter(model, processor)
+    engine = HFRolloutEngine(model, adapter)
+    fns = [("exact_match", REWARDS.get("exact_match"), 1.0)]
+    return [evaluate(engine, adapter, load_samples([folder]), fns, accuracy_reward="exact_match",
+                     max_new_tokens=max_new_tokens)["accuracy"] for folder in folders]

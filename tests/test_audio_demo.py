@@ -6,20 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lightrft_mm.datasets.loader import load_samples
 from lightrft_mm.demo import run_demo
-from lightrft_mm.processors import make_adapter
-from lightrft_mm.rewards import REWARDS
-from lightrft_mm.rollout.hf import HFRolloutEngine
-from lightrft_mm.trainer.evaluate import evaluate
-
-
-def _load_checkpoint(path):
-    from transformers import AutoModelForMultimodalLM
-
-    from lightrft_mm.models.processing import load_processor
-
-    return AutoModelForMultimodalLM.from_pretrained(path).eval(), load_processor(path)
 
 
 @pytest.fixture
@@ -35,7 +22,7 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_audio_demo_learns_from_chance_and_compares_the_tones(tmp_path, one_thread):
+def test_audio_demo_learns_from_chance_and_compares_the_tones(tmp_path, one_thread, checkpoint_accuracy):
     import soundfile as sf
 
     data = tmp_path / "data"
@@ -55,13 +42,6 @@ def test_audio_demo_learns_from_chance_and_compares_the_tones(tmp_path, one_thre
     for wav in (swapped / "media").iterdir():
         audio, rate = sf.read(wav, dtype="float32")
         sf.write(wav, np.concatenate([audio[len(audio) // 2:], audio[:len(audio) // 2]]), rate)
-    model, processor = _load_checkpoint(summary["checkpoint"])
-    adapter = make_adapter(model, processor)
-    engine = HFRolloutEngine(model, adapter)
-    fns = [("exact_match", REWARDS.get("exact_match"), 1.0)]
-    real = evaluate(engine, adapter, load_samples([data / "heldout"]), fns,
-                    accuracy_reward="exact_match", max_new_tokens=8)
-    flipped = evaluate(engine, adapter, load_samples([swapped]), fns,
-                       accuracy_reward="exact_match", max_new_tokens=8)
-    assert real["accuracy"] == pytest.approx(summary["after"])
-    assert flipped["accuracy"] <= 0.35
+    real, flipped = checkpoint_accuracy(summary["checkpoint"], [data / "heldout", swapped], max_new_tokens=8)
+    assert real == pytest.approx(summary["after"])
+    assert flipped <= 0.35

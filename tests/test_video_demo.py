@@ -6,19 +6,13 @@ import shutil
 import numpy as np
 import pytest
 
-from lightrft_mm.datasets.loader import load_samples
 from lightrft_mm.datasets.synthetic_video import write_mp4
 from lightrft_mm.demo import run_demo
-from lightrft_mm.models import load_pretrained
-from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.video import load_video
-from lightrft_mm.rewards import REWARDS
-from lightrft_mm.rollout.hf import HFRolloutEngine
-from lightrft_mm.trainer.evaluate import evaluate
 
 
 @pytest.mark.slow
-def test_video_demo_learns_the_direction_from_motion(tmp_path):
+def test_video_demo_learns_the_direction_from_motion(tmp_path, checkpoint_accuracy):
     data = tmp_path / "data"
     summary = run_demo("recipes/demo/video.yaml", [
         f"data.train=[{data / 'train'}]", f"data.eval=[{data / 'heldout'}]",
@@ -35,13 +29,6 @@ def test_video_demo_learns_the_direction_from_motion(tmp_path):
     for mp4 in (still / "media").glob("*.mp4"):
         first = load_video(mp4, fps=2.0).frames[0]
         write_mp4(mp4, np.stack([first] * 4), fps=2)
-    model, processor = load_pretrained(summary["checkpoint"])
-    adapter = make_adapter(model, processor)
-    fns = [("exact_match", REWARDS.get("exact_match"), 1.0)]
-    engine = HFRolloutEngine(model, adapter)
-    moving = evaluate(engine, adapter, load_samples([data / "heldout"]), fns,
-                      accuracy_reward="exact_match", max_new_tokens=10)
-    frozen = evaluate(engine, adapter, load_samples([still]), fns,
-                      accuracy_reward="exact_match", max_new_tokens=10)
-    assert moving["accuracy"] == pytest.approx(summary["after"])
-    assert frozen["accuracy"] <= 0.40
+    moving, frozen = checkpoint_accuracy(summary["checkpoint"], [data / "heldout", still], max_new_tokens=10)
+    assert moving == pytest.approx(summary["after"])
+    assert frozen <= 0.40

@@ -22,6 +22,7 @@ re-collate rows, keep those objects).
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 
@@ -79,7 +80,7 @@ def group_encoder_outputs(model, prompts: PromptBatch) -> tuple[dict, dict] | No
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     base = _base(model)
-    firsts = [sum(sizes[:g]) for g in range(len(sizes))]
+    firsts = list(itertools.accumulate([0, *sizes[:-1]]))  # first row of each group
     unique = [prompts.encodings[i] for i in firsts]
     media = collate(unique, 0).media if len(unique) > 1 else dict(unique[0].media)
     outputs = {}
@@ -120,7 +121,7 @@ def group_prompt_embeddings(model, prompts: PromptBatch):
     if (not prompts.media or not sizes or max(sizes) == 1 or language_model is None
             or hasattr(base, "rope_deltas")):
         return None
-    firsts = [sum(sizes[:g]) for g in range(len(sizes))]
+    firsts = list(itertools.accumulate([0, *sizes[:-1]]))  # first row of each group
     unique = collate([prompts.encodings[i] for i in firsts], 0).to(prompts.input_ids.device)
     if unique.input_ids.shape != (len(sizes), prompts.input_ids.shape[1]):
         return None  # the groups' prompts are not padded alike: nothing to reuse safely
