@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightrft_mm.algorithms.presets import AGGREGATIONS
-from lightrft_mm.algorithms.tokens import aggregate, micro_batch_weight
+from lightrft_mm.algorithms.tokens import aggregate, loss_units, micro_batch_weight
 from lightrft_mm.trainer.experience import micro_batch_rows
 
 
@@ -18,16 +18,35 @@ def test_weighted_micro_batch_losses_sum_to_the_batch_loss(mode):
     mask[5] = 0  # a completion left out of the loss
     full = aggregate(values, mask, mode, max_tokens=7)
     splits = [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
-    parts = sum(micro_batch_weight(mask[s], mask, mode) * aggregate(values[s], mask[s], mode, max_tokens=7)
+    parts = sum(micro_batch_weight(mask[s], loss_units(mask, mode), mode) * aggregate(values[s], mask[s], mode,
+                                                                                     max_tokens=7)
                 for s in splits)
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_data_parallel_weights_average_to_the_global_loss(mode):
+    # Two ranks hold rows 0-5 and 6-11 (uneven token counts); each weights its micro-batches with
+    # the global unit count and the world size; the ranks' losses are averaged (as their
+    # gradients are), which must give the aggregate over the whole global batch.
+    torch.manual_seed(1)
+    values, mask = torch.randn(12, 7), (torch.rand(12, 7) > 0.4).float()
+    mask[2] = 0
+    full = aggregate(values, mask, mode, max_tokens=7)
+    units = sum(loss_units(mask[r], mode) for r in (slice(0, 6), slice(6, 12)))  # the all-reduce
+    ranks = []
+    for rank_rows in ([0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]):
+        micro = [rank_rows[:2], rank_rows[2:]]
+        ranks.append(sum(micro_batch_weight(mask[m], units, mode, world_size=2)
+                         * aggregate(values[m], mask[m], mode, max_tokens=7) for m in micro))
+    assert (sum(ranks) / 2).item() == pytest.approx(full.item(), rel=1e-6)
+
+
 def test_micro_batch_weight_of_an_empty_batch_is_zero():
     empty = torch.zeros(2, 3)
-    assert micro_batch_weight(empty, empty, "token-mean") == 0.0
+    assert micro_batch_weight(empty, loss_units(empty), "token-mean") == 0.0
     with pytest.raises(ValueError, match="unknown mode"):
-        micro_batch_weight(empty, empty, "token-sum")
+        micro_batch_weight(empty, 1, "token-sum")
 
 
 def test_micro_batches_keep_groups_whole_and_bucket_by_length():

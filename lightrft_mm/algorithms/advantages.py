@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lightrft_mm.algorithms.presets import ADVANTAGES
-from lightrft_mm.algorithms.tokens import masked_whiten
+from lightrft_mm.algorithms.tokens import SumAcross, masked_whiten
 
 
 def _check_rewards(rewards: Tensor) -> Tensor:
@@ -100,7 +100,7 @@ def token_returns(seq_rewards: Tensor, mask: Tensor, token_rewards: Tensor | Non
 
 
 def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, *, kl_penalty: Tensor | None = None,
-                            baseline: bool = False, eps: float = 1e-8) -> Tensor:
+                            baseline: bool = False, eps: float = 1e-8, sum_across: SumAcross | None = None) -> Tensor:
     """REINFORCE++ (arXiv 2501.03262): token returns whitened over the whole batch.
 
     Each token's return is the final reward plus the (negative) KL penalties from that token
@@ -114,6 +114,7 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, *, kl_penalty: Tensor
         kl_penalty: [N, T] per-token ``beta * KL`` to subtract (KL in the reward), or None.
         baseline: subtract the group mean first (REINFORCE++-baseline).
         eps: added to the batch std.
+        sum_across: data parallel: whiten over every rank's batch (see ``masked_moments``).
 
     Returns:
         [N, T] advantages, 0 outside the mask.
@@ -123,11 +124,11 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, *, kl_penalty: Tensor
         rewards = rewards - rewards.mean(dim=1, keepdim=True)
     token_rewards = None if kl_penalty is None else -kl_penalty
     returns = token_returns(rewards.reshape(-1), mask, token_rewards)
-    return masked_whiten(returns, mask, eps)
+    return masked_whiten(returns, mask, eps, sum_across=sum_across)
 
 
 def compute_advantages(estimator: str, rewards: Tensor, mask: Tensor, *, scale_by_std: bool = True,
-                       kl_penalty: Tensor | None = None) -> Tensor:
+                       kl_penalty: Tensor | None = None, sum_across: SumAcross | None = None) -> Tensor:
     """Per-token advantages [N, T] from rewards [B, G] with the named estimator.
 
     ``group`` (GRPO / Dr. GRPO with ``scale_by_std=False``), ``rloo`` and ``reinforce`` (the
@@ -141,6 +142,7 @@ def compute_advantages(estimator: str, rewards: Tensor, mask: Tensor, *, scale_b
         mask: [N, T] counted completion tokens; advantages are 0 elsewhere.
         scale_by_std: ``group`` only: divide by the group std.
         kl_penalty: [N, T] per-token ``beta * KL`` (KL in the reward), or None.
+        sum_across: data parallel: REINFORCE++'s batch whitening over every rank's batch.
 
     Returns:
         [N, T] float32 advantages.
@@ -153,7 +155,7 @@ def compute_advantages(estimator: str, rewards: Tensor, mask: Tensor, *, scale_b
     rewards = rewards.to(m.device)
     if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
         return reinforce_pp_advantages(rewards, m, kl_penalty=kl_penalty,
-                                       baseline=estimator == "reinforce_pp_baseline")
+                                       baseline=estimator == "reinforce_pp_baseline", sum_across=sum_across)
     if kl_penalty is not None:
         summed = torch.where(m, kl_penalty, torch.zeros_like(kl_penalty)).sum(dim=1)
         rewards = rewards - summed.view_as(rewards).to(rewards.dtype)

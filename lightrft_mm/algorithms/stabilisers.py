@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightrft_mm.algorithms.presets import REWARD_NORMS
-from lightrft_mm.algorithms.tokens import masked_mean
+from lightrft_mm.algorithms.tokens import SumAcross, masked_moments
 
 
 class RunningMoments:
@@ -30,14 +30,19 @@ class RunningMoments:
     def update(self, values: Tensor) -> tuple[float, float]:
         """Fold ``values`` (any shape) in; returns the new (mean, population std)."""
         x = values.detach().double().flatten()
-        n = int(x.numel())
+        if x.numel():
+            mean = float(x.mean())
+            self.merge(int(x.numel()), mean, float(((x - mean) ** 2).mean()))
+        return self.mean, self.std
+
+    def merge(self, n: int, batch_mean: float, batch_var: float) -> tuple[float, float]:
+        """Fold in a batch given by its size, mean and population variance (data parallel: the
+        moments of every rank's batch); returns the new (mean, population std)."""
         if n:
-            batch_mean = float(x.mean())
-            batch_m2 = float(((x - batch_mean) ** 2).sum())
             total = self.count + n
             delta = batch_mean - self.mean
             self.mean += delta * n / total
-            self.m2 += batch_m2 + delta * delta * self.count * n / total
+            self.m2 += batch_var * n + delta * delta * self.count * n / total
             self.count = total
         return self.mean, self.std
 
@@ -47,7 +52,7 @@ class RunningMoments:
 
 
 def normalize_rewards(rewards: Tensor, valid: Tensor, mode: str, *, running: RunningMoments | None = None,
-                      clip: float = 0.0, eps: float = 1e-6) -> Tensor:
+                      clip: float = 0.0, eps: float = 1e-6, sum_across: SumAcross | None = None) -> Tensor:
     """Normalise rewards to zero mean and unit std, then clip them to ``[-clip, clip]``.
 
     ``batch``: statistics of this batch's valid rewards; ``running``: of every valid reward so
@@ -61,6 +66,8 @@ def normalize_rewards(rewards: Tensor, valid: Tensor, mode: str, *, running: Run
         running: the run's ``RunningMoments`` (required for ``running``).
         clip: clip bound after normalisation; 0 = no clip.
         eps: added to the std.
+        sum_across: data parallel: the batch (and the running statistics) are every rank's
+            (see ``masked_moments``).
 
     Returns:
         [B, G] float rewards.
@@ -69,14 +76,14 @@ def normalize_rewards(rewards: Tensor, valid: Tensor, mode: str, *, running: Run
         raise ValueError(f"normalize_rewards: unknown mode {mode!r}; expected one of {', '.join(REWARD_NORMS)}")
     out = rewards.float()
     v = valid.bool()
-    if mode == "batch":
-        mean = masked_mean(out, v)
-        std = masked_mean((out - mean) ** 2, v).sqrt()
-        out = (out - mean) / (std + eps)
-    elif mode == "running":
-        if running is None:
-            raise ValueError("normalize_rewards: mode 'running' needs a RunningMoments")
-        mean, std = running.update(out[v])
+    if mode != "none":
+        mean, var, count = masked_moments(out.double() if mode == "running" else out, v, sum_across=sum_across)
+        if mode == "running":
+            if running is None:
+                raise ValueError("normalize_rewards: mode 'running' needs a RunningMoments")
+            mean, std = running.merge(int(count), float(mean), float(var))
+        else:
+            std = var.sqrt()
         out = (out - mean) / (std + eps)
     if clip > 0:
         out = out.clamp(-clip, clip)

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from lightrft_mm.algorithms.presets import AGGREGATIONS
 
+SumAcross = Callable[[Tensor], Tensor]  # sums a tensor over the data-parallel ranks
+
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """Mean of ``x`` over the positions where ``mask`` is non-zero (weighted by ``mask``).
@@ -47,7 +49,32 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return picked.sum() if dim is None else picked.sum(dim=dim)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+def masked_moments(x: Tensor, mask: Tensor, *, sum_across: SumAcross | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, (population) variance and count of the masked entries of ``x``.
+
+    Args:
+        x: values, any shape.
+        mask: same shape; which entries count.
+        sum_across: data parallel: sums a tensor over every rank (the strategy's ``all_reduce``),
+            so the moments are those of the global batch. None = this batch only.
+
+    Returns:
+        (mean, var, count) as 0-d tensors; 0, 0, 0 when nothing is masked in.
+    """
+    m = mask.bool()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    count_total = torch.stack([m.sum().to(x.dtype), torch.where(m, x, zero).sum()])
+    if sum_across is not None:
+        count_total = sum_across(count_total)
+    count, total = count_total[0], count_total[1]
+    mean = total / count.clamp(min=1)
+    squares = torch.where(m, (x - mean) ** 2, zero).sum()
+    if sum_across is not None:
+        squares = sum_across(squares)
+    return mean, squares / count.clamp(min=1), count
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, *, sum_across: SumAcross | None = None) -> Tensor:
     """``(x - mean) / (std + eps)`` with mean and (population) std over the masked entries.
 
     Masked-out positions come back as 0. With fewer than two masked entries, or all of them
@@ -57,13 +84,13 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
         x: values, any shape (e.g. [N, T] token returns).
         mask: same shape; which entries form the statistics and are returned.
         eps: added to the std.
+        sum_across: data parallel: statistics over every rank's batch (see ``masked_moments``).
 
     Returns:
         The whitened values, same shape as ``x``.
     """
     m = mask.bool()
-    mean = masked_mean(x, m)
-    var = masked_mean((x - mean) ** 2, m)
+    mean, var, _ = masked_moments(x, m, sum_across=sum_across)
     out = (x - mean) / (var.sqrt() + eps)
     return torch.where(m, out, torch.zeros_like(out))
 
@@ -173,25 +200,32 @@ def selective_logps(logits: Tensor, tokens: Tensor, temperature: float = 1.0) ->
     return _rowwise(logits, temperature, logps)
 
 
-def micro_batch_weight(micro_mask: Tensor, batch_mask: Tensor, mode: str = "token-mean") -> float:
+def loss_units(mask: Tensor, mode: str = "token-mean") -> int:
+    """What an aggregation averages over: counted tokens (token-mean) or counted completions."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"loss_units: unknown mode {mode!r}; expected one of {', '.join(AGGREGATIONS)}")
+    m = mask.bool()
+    return int(m.sum()) if mode == "token-mean" else int(m.any(dim=1).sum())
+
+
+def micro_batch_weight(micro_mask: Tensor, batch_units: float, mode: str = "token-mean", *,
+                       world_size: int = 1) -> float:
     """Weight of a micro-batch's aggregated loss so that the weighted sum over the micro-batches
     of a batch equals the aggregate over the whole batch (gradient accumulation, exact).
 
     ``token-mean`` averages over tokens, so a micro-batch weighs its share of the counted tokens;
-    the sequence means weigh its share of the counted completions.
+    the sequence means weigh its share of the counted completions. Data parallel: the batch is
+    every rank's, ``batch_units`` counts its units over all ranks, and since the ranks'
+    gradients are averaged each weight is scaled by ``world_size``.
 
     Args:
         micro_mask: [n, T] mask of the micro-batch's rows.
-        batch_mask: [N, T'] mask of the whole batch (the micro-batch's rows included).
+        batch_units: ``loss_units`` of the whole batch (summed over the ranks).
         mode: one of ``AGGREGATIONS``.
+        world_size: data-parallel ranks whose gradients are averaged.
 
     Returns:
-        The weight in [0, 1] (0 when the batch counts nothing).
+        The weight (0 when the batch counts nothing).
     """
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"micro_batch_weight: unknown mode {mode!r}; expected one of {', '.join(AGGREGATIONS)}")
-    if mode == "token-mean":
-        part, whole = micro_mask.bool().sum(), batch_mask.bool().sum()
-    else:
-        part, whole = micro_mask.bool().any(dim=1).sum(), batch_mask.bool().any(dim=1).sum()
-    return float(part) / float(whole) if int(whole) else 0.0
+    part = loss_units(micro_mask, mode)
+    return part * world_size / float(batch_units) if batch_units else 0.0

@@ -188,9 +188,10 @@ class PromptLoader:
     @classmethod
     def from_config(cls, data_cfg, *, seed: int, token_len: Callable[[Sample], int] | None = None,
                     rank: int | None = None, world_size: int | None = None,
-                    modalities: frozenset[str] | None = None) -> "PromptLoader":
-        """The training loader of a `DataConfig` (train, batch_size, weights, max_prompt_tokens)."""
-        return cls.from_paths(data_cfg.train, batch_size=data_cfg.batch_size, seed=seed,
+                    modalities: frozenset[str] | None = None, batch_size: int | None = None) -> "PromptLoader":
+        """The training loader of a `DataConfig` (train, batch_size, weights, max_prompt_tokens);
+        `batch_size` (per rank) defaults to data.batch_size."""
+        return cls.from_paths(data_cfg.train, batch_size=batch_size or data_cfg.batch_size, seed=seed,
                               weights=data_cfg.weights or None, max_prompt_tokens=data_cfg.max_prompt_tokens,
                               token_len=token_len, rank=rank, world_size=world_size, modalities=modalities)
 

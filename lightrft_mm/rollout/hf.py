@@ -97,12 +97,16 @@ class HFRolloutEngine:
         adapter: the model adapter that encoded the prompts.
         share_prefill: prefill each prompt once and copy its KV cache to its n completions
             (`lightrft_mm.models.shared.prefill_once`); False runs the prefill on every copy.
+        comm: the strategy (its collectives), when several ranks generate at once: with
+            sharded weights every forward is collective, so the ranks agree on the prefill path
+            and keep stepping (`synced_gpus`) until every rank's completions have ended.
     """
 
-    def __init__(self, model, adapter: HFChatAdapter, *, share_prefill: bool = True):
+    def __init__(self, model, adapter: HFChatAdapter, *, share_prefill: bool = True, comm=None):
         self.model = model
         self.adapter = adapter
         self.share_prefill = share_prefill
+        self.comm = comm if comm is not None and comm.world_size > 1 else None
         self._suppress = adapter.special_ids_to_suppress()
 
     @torch.no_grad()
@@ -121,7 +125,11 @@ class HFRolloutEngine:
             kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([fire]))
         elif not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        if self.share_prefill and can_prefill_once(prompts, n):
+        share = self.share_prefill and can_prefill_once(prompts, n)
+        if self.comm is not None:
+            share = self.comm.all_reduce(float(share), "min") > 0
+            kwargs["synced_gpus"] = True
+        if share:
             # Each prompt (media included) prefilled once, its KV cache copied to its n rows.
             kwargs["cache"] = prefill_once(self.model, prompts.to(self.model.device), n)
             inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.token_aligned}

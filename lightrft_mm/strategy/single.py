@@ -1,52 +1,92 @@
-"""One process, one device."""
+"""One process, one device; bf16 / fp16 by autocast over fp32 master weights."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
+from lightrft_mm.strategy.dist import Collectives, autocast, resolve_device
+from lightrft_mm.strategy.parts import model_parts
 
-class SingleStrategy:
+
+def autocast_forwards(model, device: torch.device, precision: str):
+    """Run `model`'s forward, and those of its towers and projectors (which the shared-media
+    paths call directly), under autocast to the compute dtype; the parameters stay fp32."""
+    if precision == "fp32":
+        return model
+    parts = model_parts(model)
+    for module in [model, getattr(model, "model", model), *parts.towers, *parts.projectors]:
+        if getattr(module.forward, "_lightrft_autocast", False):
+            continue
+        forward = module.forward
+
+        @functools.wraps(forward)
+        def wrapped(*args, _forward=forward, **kwargs):
+            with autocast(device, precision):
+                return _forward(*args, **kwargs)
+
+        wrapped._lightrft_autocast = True
+        module.forward = wrapped
+    return model
+
+
+def clip_and_norm(params, max_grad_norm: float) -> float:
+    """Clip the gradients of `params` to `max_grad_norm` (0 = no clipping); returns the norm before."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+class SingleStrategy(Collectives):
     """Plain backward / clip / step on one device.
 
     Args:
-        device: "cpu", "cuda" or "auto".
+        cfg: the `strategy` config section (device, precision).
         max_grad_norm: clip the global gradient norm to this (0 = no clipping).
     """
 
-    def __init__(self, device: str = "auto", max_grad_norm: float = 1.0):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            from lightrft_mm.errors import ConfigError
+    sharded_params = False
 
-            raise ConfigError("strategy.device: 'cuda' but torch sees no CUDA device (CPU build of "
-                              "torch, or no GPU). Fix: strategy.device=auto or cpu.")
-        self.device = torch.device(device)
+    def __init__(self, cfg, *, max_grad_norm: float = 1.0):
+        self.device = resolve_device(cfg.device)
+        self.precision = cfg.precision
         self.max_grad_norm = max_grad_norm
-        self.model = None
-        self.optimizer = None
+        self.model = self.optimizer = None
+        # fp16: dynamic loss scaling; a step with inf / NaN gradients is skipped and counted.
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.skipped_steps = 0
 
-    def prepare(self, model, optimizer):
-        self.model = model.to(self.device)
-        self.optimizer = optimizer
-        return self.model, optimizer
+    def prepare(self, model, make_optimizer):
+        self.model = autocast_forwards(model.to(self.device, torch.float32), self.device, self.precision)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        return self.model, self.optimizer
+
+    def prepare_frozen(self, model):
+        return autocast_forwards(model.to(self.device), self.device, self.precision)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
-        """Clip, step, zero the gradients; returns the gradient norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
-        self.optimizer.step()
+        if self.scaler is None:
+            norm = clip_and_norm(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+        else:
+            self.scaler.unscale_(self.optimizer)
+            norm = clip_and_norm(self.model.parameters(), self.max_grad_norm)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when the gradients hold inf / NaN
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def all_reduce(self, value: float) -> float:
-        return value
+    def full_state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def gather_state_for_engine(self) -> dict:
         return self.model.state_dict()
@@ -57,3 +97,6 @@ class SingleStrategy:
 
     def load(self, path) -> None:
         self.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True))
+
+
+__all__ = ["SingleStrategy", "autocast_forwards", "clip_and_norm"]

@@ -1,24 +1,45 @@
-"""Checkpoints in Hugging Face format, written atomically (temp folder, then rename)."""
+"""Checkpoints in Hugging Face format, written atomically (temp folder, then rename).
+
+The full weights are gathered to rank 0 from whatever strategy holds them and written with
+`save_pretrained` in `model.dtype`, so transformers reloads a checkpoint without this package;
+the strategy adds its optimizer state (sharded per rank where it is sharded).
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import torch
 
-def save_hf(model, processor, path: Path, *, strategy=None) -> Path:
-    """`save_pretrained` of model and processor into `path`; transformers reloads it as is."""
+from lightrft_mm.models import DTYPES
+
+
+def save_hf(model, processor, path: Path, *, strategy=None, dtype: str = "float32") -> Path:
+    """Collective: every rank calls it; rank 0 writes `path` (model, processor, optimizer state).
+    Without a strategy: the model as it is, no optimizer state, in this process."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if strategy is not None:
+    state = strategy.full_state_dict() if strategy else model.state_dict()
+    main = strategy.is_main if strategy else True
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        target = getattr(torch, DTYPES[dtype])
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+        model.config.dtype = target  # what config.json records, and transformers loads by default
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    if strategy:
+        strategy.barrier()
         strategy.save(tmp)
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+        strategy.barrier()
+    if main:
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    if strategy:
+        strategy.barrier()
     return path

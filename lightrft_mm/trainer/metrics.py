@@ -20,3 +20,18 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+class _Discard:
+    """A writer that writes nothing (ranks other than 0)."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_writer(path: Path, enabled: bool = True):
+    """A `JsonlWriter` for `path`, or a writer that discards everything when not `enabled`."""
+    return JsonlWriter(path) if enabled else _Discard()

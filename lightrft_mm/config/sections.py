@@ -1,21 +1,11 @@
-"""Typed configuration: one frozen dataclass per section, YAML files plus `key.sub=value`.
-
-Every default lives in the dataclass and every field is documented once, in its `help`
-metadata; `lightrft-mm train --help` is generated from it. `load_config` reports every
-problem of a config at once (unknown keys with did-you-mean, wrong types, values out of
-range), each with the value, why it is wrong and the fix.
-"""
+"""The config sections: one frozen dataclass each; every default and every field's one
+documentation (its `help` metadata) live here."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from lightrft_mm.algorithms import presets
 from lightrft_mm.algorithms.presets import Preset
@@ -40,7 +30,9 @@ class ModelConfig:
                               "or qwen (the real 151k Qwen tokenizer; ~30x slower on CPU).",
                               choices=("bpe", "qwen"))
     trust_remote_code: bool = opt(False, "Allow model code from the model folder (only for folders you trust).")
-    dtype: str = opt("float32", "Parameter dtype of the policy.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = opt("float32", "dtype the weights are loaded in and checkpoints saved in. Training always keeps "
+                     "fp32 master weights; strategy.precision sets the compute dtype (docs/distributed.md).",
+                     choices=("float32", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)
@@ -212,8 +204,27 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = opt("single", "Training strategy: single (one process).", choices=("single",))
-    device: str = opt("auto", "cpu, cuda, or auto (cuda when available).", choices=("auto", "cpu", "cuda"))
+    """How training runs on one or many processes (docs/distributed.md)."""
+
+    name: str = opt("single", "Training strategy: single (one process), fsdp2 (PyTorch FSDP2 under torchrun: "
+                    "each decoder layer, vision block, the vision tower, the projector and the embeddings "
+                    "sharded as their own units) or deepspeed (DeepSpeed ZeRO under torchrun; pip install "
+                    "'lightrft_mm[deepspeed]').", choices=("single", "fsdp2", "deepspeed"))
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available). Under torchrun each rank takes the GPU "
+                      "of its LOCAL_RANK.", choices=("auto", "cpu", "cuda"))
+    precision: str = opt("fp32", "Compute precision. bf16 / fp16 compute in that dtype and keep fp32 master "
+                         "weights and fp32 optimizer state (fp16 adds dynamic loss scaling; its skipped steps "
+                         "are logged as loss/skipped_steps; GPU only). model.dtype is the dtype weights are "
+                         "loaded and saved in.", choices=("fp32", "bf16", "fp16"))
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ "
+                          "parameters). deepspeed only.", choices=(1, 2, 3))
+    offload: str = opt("none", "Offload to CPU memory: none; optimizer (DeepSpeed: optimizer state and step on "
+                       "the CPU); all (fsdp2: parameters, gradients and optimizer state; DeepSpeed: optimizer "
+                       "and, with zero_stage 3, parameters). Not with single.",
+                       choices=("none", "optimizer", "all"))
+    timeout_s: float = opt(600.0, "Seconds a collective (all-reduce, all-gather, barrier) may wait for the other "
+                           "ranks before the run stops with an error naming the rank: a rank that died or hangs "
+                           "cannot stall the others forever.", low=1.0)
 
 
 @dataclass(frozen=True)
@@ -276,247 +287,3 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
-
-
-def _suggest(name: str, options) -> str:
-    """Lower-case suggestion that follows a semicolon: "did you mean 'x'?" or the known keys."""
-    hint = did_you_mean(name, options).strip()
-    return hint[0].lower() + hint[1:] if hint else f"known keys: {', '.join(options)}"
-
-
-def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
-    """Convert a YAML / command-line value to the field's type, or record why it cannot be."""
-    origin = typing.get_origin(typ)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        problems.append(f"{where}: {value!r} is not a boolean. Fix: write true or false.")
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        problems.append(f"{where}: {value!r} is not an integer. Fix: write a whole number, e.g. 8.")
-    elif typ is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)  # YAML reads 1e-5 (no dot) as a string
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):
-            return number
-        problems.append(f"{where}: {value!r} is not a finite number. Fix: write a number, e.g. 1e-5.")
-    elif typ is str:
-        if isinstance(value, str):
-            return value
-        problems.append(f"{where}: {value!r} is not a string. Fix: quote it.")
-    elif typ is list or origin is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):
-            return [value]
-        problems.append(f"{where}: {value!r} is not a list. Fix: write [a, b] or a YAML list.")
-    return None
-
-
-def _build(cls, raw: Any, where: str, problems: list[str]):
-    """Build dataclass `cls` from a dict, recording unknown keys, wrong types and bad values."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping of keys, got {raw!r}. Fix: write `{where}: {{key: value}}`.")
-        return cls()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in raw.items():
-        name = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            problems.append(f"{name}: unknown key; {_suggest(str(key), fields)}")
-            continue
-        n_before = len(problems)
-        value = _coerce(value, hints[key], name, problems)
-        if len(problems) > n_before:
-            continue
-        meta = fields[key].metadata
-        if meta.get("choices") and value not in meta["choices"]:
-            problems.append(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}."
-                            f"{did_you_mean(value, meta['choices'])}")
-            continue
-        if meta.get("low") is not None and value < meta["low"]:
-            problems.append(f"{name}: {value!r} is below the minimum {meta['low']}. Fix: use a value >= {meta['low']}.")
-            continue
-        if meta.get("high") is not None and value > meta["high"]:
-            problems.append(f"{name}: {value!r} is above the maximum {meta['high']}. Fix: use a value <= {meta['high']}.")
-            continue
-        values[key] = value
-    return cls(**values)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (["section", "key"], YAML-parsed value)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} has no '='. Fix: write section.key=value, e.g. trainer.max_steps=10.")
-    key, _, value = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` overrides to a copy of raw; a number indexes a list (`rewards.0.weight=0.5`)."""
-    import copy
-
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for depth, part in enumerate(path):
-            last = depth == len(path) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {text!r}: {'.'.join(path[:depth])} is a list of {len(node)}; "
-                                      f"{part!r} is not an index in it. Fix: use 0..{len(node) - 1}, or "
-                                      "override the whole list, e.g. rewards=[{name: exact_match}].")
-                key = int(part)
-                if isinstance(node[key], str) and not last:
-                    node[key] = {"name": node[key]}  # reward shorthand "exact_match"
-            else:
-                key = part
-                if not last and not isinstance(node.get(key), (dict, list)):
-                    node[key] = {}
-            if last:
-                node[key] = value
-            else:
-                node = node[key]
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist. Fix: pass the path of a YAML config, "
-                          "e.g. recipes/demo/colors.yaml.")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...).")
-    return raw
-
-
-def build_config(raw: dict, *, source: str = "config") -> Config:
-    """Build and validate a Config from a dict; raise one ConfigError listing every problem."""
-    problems: list[str] = []
-    sections = {}
-    for key, value in raw.items():
-        if key not in SECTIONS:
-            problems.append(f"{key}: unknown section; {_suggest(str(key), SECTIONS)}")
-        elif key == "rewards":
-            sections[key] = _build_rewards(value, problems)
-        else:
-            sections[key] = _build(SECTIONS[key].default_factory().__class__, value, key, problems)
-    cfg = Config(**sections)
-    problems += _cross_checks(cfg)
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigError(f"{source}: {len(problems)} problem(s):\n{lines}")
-    return cfg
-
-
-def _build_rewards(value: Any, problems: list[str]) -> list[RewardSpec]:
-    if isinstance(value, (str, dict)):
-        value = [value]
-    if not isinstance(value, list):
-        problems.append(f"rewards: {value!r} is not a list. Fix: rewards: [{{name: math_accuracy, weight: 1.0}}]")
-        return []
-    specs = []
-    for i, item in enumerate(value):
-        item = {"name": item} if isinstance(item, str) else item
-        args = None
-        if isinstance(item, dict):  # args is free-form: checked here, not by _build
-            item = dict(item)
-            args = item.pop("args", None)
-        spec = _build(RewardSpec, item, f"rewards[{i}]", problems)
-        if args is not None:
-            if isinstance(args, dict) and all(isinstance(k, str) for k in args):
-                spec = dataclasses.replace(spec, args=dict(args))
-            else:
-                problems.append(f"rewards[{i}].args: {args!r} is not a mapping of names to values. "
-                                "Fix: args: {model: path/to/model}.")
-        if not spec.name:
-            problems.append(f"rewards[{i}].name: missing. Fix: name a registered reward (lightrft-mm rewards list).")
-        bad = [s for s in spec.sources if not isinstance(s, str) or not s]
-        if bad:
-            problems.append(f"rewards[{i}].sources: {bad!r} are not source names. Fix: a list of strings, "
-                            "e.g. [geo3k].")
-        specs.append(spec)
-    return specs
-
-
-def _cross_checks(cfg: Config) -> list[str]:
-    """Checks that involve several fields or registries."""
-    from lightrft_mm.rewards import config_problems
-
-    problems = config_problems(cfg.rewards, cfg.trainer.accuracy_reward)
-    from lightrft_mm.datasets.loader import weight_problems
-
-    problems += weight_problems(cfg.data.weights, len(cfg.data.train))
-    problems += cfg.algorithm.problems(cfg)
-    name = cfg.model.name_or_path
-    if name.startswith("tiny:"):
-        from lightrft_mm.models.tiny import FAMILIES
-
-        family = name[len("tiny:"):]
-        if family not in FAMILIES:
-            problems.append(f"model.name_or_path: unknown tiny family {family!r}."
-                            f"{did_you_mean(family, FAMILIES, prefix='tiny:')} "
-                            f"Known: {', '.join('tiny:' + f for f in FAMILIES)}.")
-    else:
-        if not Path(name).is_dir():
-            problems.append(f"model.name_or_path: {name!r} is not a folder. Fix: a local Hugging Face "
-                            "model folder (config.json + weights), or tiny:<family>.")
-        if cfg.model.tiny_tokenizer != "bpe":
-            problems.append("model.tiny_tokenizer: only applies to tiny: models; a model folder "
-                            "brings its own tokenizer. Fix: remove it.")
-    if cfg.warmup.steps and "{answer}" not in cfg.warmup.template:
-        problems.append(f"warmup.template: {cfg.warmup.template!r} lacks {{answer}}. Fix: e.g. '\\\\boxed{{{{answer}}}}'.")
-    return problems
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (optional), apply `section.key=value` overrides, build and validate."""
-    raw = read_yaml(path) if path else {}
-    raw = apply_overrides(raw, list(overrides or []))
-    return build_config(raw, source=str(path or "config"))
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def help_text() -> str:
-    """Every config key with its type, default and documentation (for --help and docs)."""
-    lines = []
-    for section, f in SECTIONS.items():
-        cls = RewardSpec if section == "rewards" else f.default_factory().__class__
-        title = f"{section}: (a list of)" if section == "rewards" else f"{section}:"
-        lines.append(title)
-        hints = typing.get_type_hints(cls)
-        for sub in dataclasses.fields(cls):
-            typ = getattr(hints[sub.name], "__name__", str(hints[sub.name]))
-            default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
-            choices = sub.metadata.get("choices")
-            extra = f" One of: {', '.join(choices)}." if choices else ""
-            lines.append(f"  {section}.{sub.name} ({typ}, default {default!r}): {sub.metadata['help']}{extra}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m lightrft_mm.config > docs/config.md
-    print("# Config reference\n\nGenerated by `python -m lightrft_mm.config > docs/config.md` from the "
-          "dataclasses in `lightrft_mm/config.py`; a test keeps it current.\n\n```text")
-    print(help_text())
-    print("```")

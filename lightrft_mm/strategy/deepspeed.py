@@ -1,0 +1,170 @@
+"""DeepSpeed ZeRO stage 1 / 2 / 3 under torchrun.
+
+Gradient accumulation is the caller's: the engine runs with `gradient_accumulation_steps: 1`
+and `managed_gradient_accumulation: false`, so every `backward` adds to the gradients
+unscaled and `step()` is the accumulation boundary, whatever the number of micro-batches
+(DeepSpeed's own counter would scale each loss by 1/gas and step every gas micro-batches).
+ZeRO averages the accumulated gradients over the ranks.
+
+bf16 / fp16 keep the module in the compute dtype and fp32 master weights and optimizer state
+in the ZeRO optimizer; the optimizer is the caller's `torch.optim` one (no fused-Adam build).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightrft_mm.errors import ConfigError
+from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
+
+CHECKPOINT_DIR, TAG = "deepspeed", "state"
+
+
+def deepspeed_config(cfg, max_grad_norm: float, world_size: int) -> dict:
+    """The DeepSpeed config of the `strategy` section (see the module docstring for why)."""
+    if cfg.offload == "all" and cfg.zero_stage != 3:
+        raise ConfigError(f"strategy.offload: 'all' offloads parameters, which ZeRO stage {cfg.zero_stage} does "
+                          "not shard. Fix: strategy.zero_stage=3, or strategy.offload=optimizer.")
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 1:
+        zero["overlap_comm"] = False  # unmanaged accumulation allows overlap only where gradients partition
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(max_grad_norm),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload steps the caller's torch optimizer on the CPU
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if cfg.precision != "fp32":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}  # accumulate micro-batches in fp32
+    return config
+
+
+class DeepSpeedStrategy(Collectives):
+    """DeepSpeed ZeRO data parallel.
+
+    Args:
+        cfg: the `strategy` config section (device, precision, zero_stage, offload, timeout_s).
+        max_grad_norm: clip the global gradient norm to this (0 = no clipping).
+    """
+
+    def __init__(self, cfg, *, max_grad_norm: float = 1.0):
+        self.device = resolve_device(cfg.device)
+        init_process_group(self.device, cfg.timeout_s)
+        import deepspeed  # only here: importing the package must not import DeepSpeed
+
+        self._ds = deepspeed
+        self.cfg, self.precision, self.max_grad_norm = cfg, cfg.precision, max_grad_norm
+        self.config = deepspeed_config(cfg, max_grad_norm, self.world_size)
+        self.sharded_params = cfg.zero_stage == 3
+        self.engine = self.optimizer = None
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps) if self.engine is not None else 0
+
+    def prepare(self, model, make_optimizer):
+        """Returns (the engine, its ZeRO optimizer). The engine is called like the model (its
+        forward runs the bookkeeping ZeRO needs between micro-batches) and passes every other
+        attribute (`generate`, `config`, `model`, ...) through to the HF model."""
+        model = model.to(self.device, torch.float32)  # fp32 masters; bf16 / fp16 cast in the engine
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = self._ds.initialize(
+            model=model, model_parameters=params, optimizer=make_optimizer, config=self.config)
+        return self.engine, self.optimizer
+
+    def prepare_frozen(self, model):
+        """ZeRO-3: sharded by an inference-only engine (its forwards are collective like the
+        policy's); otherwise a replicated copy in the compute dtype on the device."""
+        model = model.to(self.device, COMPUTE_DTYPES[self.precision]).eval().requires_grad_(False)
+        if not self.sharded_params:
+            return model
+        config = {k: v for k, v in self.config.items() if k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
+        zero = {"stage": 3}
+        if self.cfg.offload == "all":
+            zero["offload_param"] = {"device": "cpu"}
+        engine, *_ = self._ds.initialize(model=model, config={**config, "zero_optimization": zero,
+                                                              "train_batch_size": self.world_size,
+                                                              "steps_per_print": 2**62})
+        return engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Adds this micro-batch's gradients (unscaled; collective under ZeRO 2 and 3, which
+        reduce in the backward: every rank runs the same number of micro-batches)."""
+        # The engine's forward starts each micro-batch with this; a forward that bypassed it
+        # (the HF model called directly) would leave ZeRO-3 copying, not adding, this
+        # micro-batch's gradients. Called twice it is a no-op.
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Reduce, clip, step and zero the gradients; the norm is ZeRO's, before clipping, over
+        every rank's partitions (inf on an fp16 overflow, whose step is skipped)."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def full_state_dict(self) -> dict:
+        """fp32 master values of the trainable parameters (gathered one parameter at a time),
+        the module's values for frozen parameters and buffers; keys of the HF state dict."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        values: dict[int, torch.Tensor] = {}
+        state = {}
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if id(tensor) not in values:
+                values[id(tensor)] = self._full_value(tensor, safe_get_full_fp32_param)
+            if self.is_main:
+                state[name] = values[id(tensor)]
+        return state
+
+    def _full_value(self, tensor, get_fp32) -> torch.Tensor:
+        full = get_fp32(tensor) if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad else None
+        if full is None and hasattr(tensor, "ds_id"):  # a frozen ZeRO-3 parameter: gather its shards
+            with self._ds.zero.GatheredParameters([tensor]):
+                full = tensor.detach().clone()
+        if full is None:
+            full = tensor.detach()
+        return full.cpu().clone() if self.is_main else full.new_empty(0)
+
+    def gather_state_for_engine(self) -> dict:
+        return self.full_state_dict()
+
+    def save(self, path) -> None:
+        """The engine state (ZeRO partitions, fp32 masters, optimizer state, loss scale) of
+        every rank into `path`/deepspeed."""
+        self.engine.save_checkpoint(str(Path(path) / CHECKPOINT_DIR), tag=TAG, save_latest=False)
+
+    def load(self, path) -> None:
+        """Restore `save`'s state (same world size and ZeRO stage)."""
+        folder = Path(path) / CHECKPOINT_DIR
+        if not (folder / TAG).is_dir():
+            raise ConfigError(f"{folder / TAG}: no DeepSpeed state to resume from (saved by another strategy?). "
+                              "Fix: resume with the strategy that wrote the checkpoint.")
+        load_path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ConfigError(f"{folder / TAG}: DeepSpeed could not load this checkpoint (see its log above).")
+
+
+__all__ = ["DeepSpeedStrategy", "deepspeed_config"]

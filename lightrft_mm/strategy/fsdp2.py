@@ -1,0 +1,118 @@
+"""PyTorch FSDP2 (`fully_shard`) under torchrun.
+
+Units, bottom up: every decoder layer and vision / audio block, the projector, the tower (so
+`generate` and the shared-media paths, which call the tower directly, meet whole weights), the
+input embeddings (with a tied output head), and the root. bf16 / fp16 use
+`MixedPrecisionPolicy(param_dtype=<compute>, reduce_dtype=fp32)` over fp32 sharded parameters,
+so the optimizer steps fp32 master weights; `offload: all` adds `CPUOffloadPolicy`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
+from lightrft_mm.strategy.parts import model_parts
+
+
+class FSDP2Strategy(Collectives):
+    """Fully sharded data parallel (FSDP2).
+
+    Args:
+        cfg: the `strategy` config section (device, precision, offload, timeout_s).
+        max_grad_norm: clip the global gradient norm to this (0 = no clipping).
+    """
+
+    sharded_params = True
+
+    def __init__(self, cfg, *, max_grad_norm: float = 1.0):
+        self.device = resolve_device(cfg.device)
+        init_process_group(self.device, cfg.timeout_s)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.precision, self.offload, self.max_grad_norm = cfg.precision, cfg.offload, max_grad_norm
+        self.model = self.optimizer = None
+        self.skipped_steps = 0
+        self.scaler = None
+        if cfg.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(self.device.type)
+
+    def _shard(self, model, param_dtype):
+        """Broadcast rank 0's weights (every rank starts equal), then shard unit by unit."""
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+        kwargs = {"mesh": self.mesh}
+        if param_dtype is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if self.offload == "all":
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        parts = model_parts(model)
+        for module in [*parts.blocks, *parts.projectors, *parts.towers]:
+            fully_shard(module, **kwargs)
+        fully_shard(parts.embeddings if len(parts.embeddings) > 1 else parts.embeddings[0], **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def prepare(self, model, make_optimizer):
+        compute = None if self.precision == "fp32" else COMPUTE_DTYPES[self.precision]
+        self.model = self._shard(model.to(self.device, torch.float32), compute)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        return self.model, self.optimizer
+
+    def prepare_frozen(self, model):
+        dtype = COMPUTE_DTYPES[self.precision]
+        return self._shard(model.to(self.device, dtype), None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # the norm over every rank's shards
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def full_state_dict(self) -> dict:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.is_main else {}
+
+    def gather_state_for_engine(self) -> dict:
+        return self.full_state_dict()
+
+    def save(self, path) -> None:
+        """The optimizer state, sharded per rank (torch.distributed.checkpoint), in `path`/optimizer."""
+        import torch.distributed.checkpoint as dcp
+
+        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.save(state, checkpoint_id=str(Path(path) / "optimizer"))
+
+    def load(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.load(state, checkpoint_id=str(Path(path) / "optimizer"))
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])

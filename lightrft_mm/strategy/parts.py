@@ -1,0 +1,54 @@
+"""The parts of a Hugging Face (V)LM that strategies shard, wrap or place as units.
+
+Found by structure, not by family name: the repeated blocks are the modules of the model's
+`_no_split_modules` classes that sit in a ModuleList (decoder layers, vision and audio encoder
+blocks); the towers and projectors by the attribute names transformers uses for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+TOWERS = ("visual", "vision_tower", "audio_tower", "vision_model")
+
+
+@dataclass
+class ModelParts:
+    """Attributes:
+        blocks: decoder layers and vision / audio encoder blocks, in module order.
+        projectors: the media-to-text projectors (LLaVA's projector, Qwen's patch merger).
+        towers: the vision / audio encoders (holding their blocks and projector, if inside).
+        embeddings: the input embedding, with the output head when their weights are tied
+            (one unit: they share a parameter).
+    """
+
+    blocks: list[nn.Module] = field(default_factory=list)
+    projectors: list[nn.Module] = field(default_factory=list)
+    towers: list[nn.Module] = field(default_factory=list)
+    embeddings: list[nn.Module] = field(default_factory=list)
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    parts = ModelParts()
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            parts.blocks += [m for m in module if type(m).__name__ in block_classes]
+    base = getattr(model, "model", model)
+    for name in TOWERS:
+        tower = getattr(base, name, None)
+        if isinstance(tower, nn.Module):
+            parts.towers.append(tower)
+            inner = getattr(tower, "merger", None)
+            if isinstance(inner, nn.Module):
+                parts.projectors.append(inner)
+    projector = getattr(base, "multi_modal_projector", None)
+    if isinstance(projector, nn.Module):
+        parts.projectors.append(projector)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and getattr(head, "weight", None) is getattr(embed, "weight", object())
+    parts.embeddings = [embed, head] if tied else [embed]
+    return parts
