@@ -7,7 +7,13 @@ unscaled and `step()` is the accumulation boundary, whatever the number of micro
 ZeRO averages the accumulated gradients over the ranks.
 
 bf16 / fp16 keep the module in the compute dtype and fp32 master weights and optimizer state
-in the ZeRO optimizer; the optimizer is the caller's `torch.optim` one (no fused-Adam build).
+in the ZeRO optimizer; gradients accumulate and reduce in fp32. The optimizer is the caller's
+`torch.optim` one (no fused-Adam build). The model is not built under `zero.Init`: ZeRO-3
+partitions it in `prepare`, so each rank holds it whole for a moment.
+
+Under ZeRO-3 every forward gathers parameters collectively: `generate` needs
+`synced_gpus=True` when ranks may finish at different lengths (without it they stop at the
+collective timeout).
 """
 
 from __future__ import annotations
@@ -22,24 +28,25 @@ from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_
 CHECKPOINT_DIR, TAG = "deepspeed", "state"
 
 
-def deepspeed_config(cfg, max_grad_norm: float, world_size: int) -> dict:
-    """The DeepSpeed config of the `strategy` section (see the module docstring for why)."""
+def deepspeed_config(cfg, max_grad_norm: float) -> dict:
+    """The DeepSpeed config of the `strategy` section (see the module docstring for why).
+
+    Raises:
+        ConfigError: for a combination DeepSpeed cannot run.
+    """
     if cfg.offload == "all" and cfg.zero_stage != 3:
         raise ConfigError(f"strategy.offload: 'all' offloads parameters, which ZeRO stage {cfg.zero_stage} does "
                           "not shard. Fix: strategy.zero_stage=3, or strategy.offload=optimizer.")
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 1:
         zero["overlap_comm"] = False  # unmanaged accumulation allows overlap only where gradients partition
-    if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     if cfg.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.offload == "all":
         zero["offload_param"] = {"device": "cpu"}
     config = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": world_size,
+        "gradient_accumulation_steps": 1,  # DeepSpeed derives train_batch_size from the world size
         "managed_gradient_accumulation": False,
         "gradient_clipping": float(max_grad_norm),
         "zero_optimization": zero,
@@ -53,7 +60,10 @@ def deepspeed_config(cfg, max_grad_norm: float, world_size: int) -> dict:
     elif cfg.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     if cfg.precision != "fp32":
-        config["data_types"] = {"grad_accum_dtype": "fp32"}  # accumulate micro-batches in fp32
+        # Gradients accumulate over micro-batches and reduce over ranks in fp32 (as fsdp2's
+        # reduce_dtype); only the forward and backward compute in bf16 / fp16.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     return config
 
 
@@ -67,12 +77,15 @@ class DeepSpeedStrategy(Collectives):
 
     def __init__(self, cfg, *, max_grad_norm: float = 1.0):
         self.device = resolve_device(cfg.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("strategy.precision: fp16 needs a GPU (DeepSpeed's fp16 loss scaling does not run "
+                              "on CPU). Fix: strategy.precision=bf16 or fp32.")
+        self.config = deepspeed_config(cfg, max_grad_norm)  # bad combinations fail before joining the group
         init_process_group(self.device, cfg.timeout_s)
         import deepspeed  # only here: importing the package must not import DeepSpeed
 
         self._ds = deepspeed
         self.cfg, self.precision, self.max_grad_norm = cfg, cfg.precision, max_grad_norm
-        self.config = deepspeed_config(cfg, max_grad_norm, self.world_size)
         self.sharded_params = cfg.zero_stage == 3
         self.engine = self.optimizer = None
 
@@ -83,8 +96,12 @@ class DeepSpeedStrategy(Collectives):
     def prepare(self, model, make_optimizer):
         """Returns (the engine, its ZeRO optimizer). The engine is called like the model (its
         forward runs the bookkeeping ZeRO needs between micro-batches) and passes every other
-        attribute (`generate`, `config`, `model`, ...) through to the HF model."""
-        model = model.to(self.device, torch.float32)  # fp32 masters; bf16 / fp16 cast in the engine
+        attribute (`generate`, `config`, `model`, ...) through to the HF model; its `train()`
+        and `eval()` set the HF model's mode (and return None)."""
+        # fp32: cast a model loaded in bf16 up, so the optimizer steps fp32 weights. bf16 / fp16:
+        # the engine casts the parameters (not the buffers, e.g. RoPE's inv_freq) and keeps fp32
+        # masters of them in the ZeRO optimizer.
+        model = model.to(self.device, torch.float32) if self.precision == "fp32" else model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = self._ds.initialize(
             model=model, model_parameters=params, optimizer=make_optimizer, config=self.config)
@@ -101,7 +118,6 @@ class DeepSpeedStrategy(Collectives):
         if self.cfg.offload == "all":
             zero["offload_param"] = {"device": "cpu"}
         engine, *_ = self._ds.initialize(model=model, config={**config, "zero_optimization": zero,
-                                                              "train_batch_size": self.world_size,
                                                               "steps_per_print": 2**62})
         return engine.module
 

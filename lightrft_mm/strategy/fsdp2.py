@@ -9,14 +9,19 @@ so the optimizer steps fp32 master weights; `offload: all` adds `CPUOffloadPolic
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+
+# forward_logprobs slices the root's logits and never writes into them in place, so the view
+# FSDP2 warns about at every forward is safe.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
 from lightrft_mm.strategy.parts import model_parts
@@ -61,7 +66,12 @@ class FSDP2Strategy(Collectives):
             fully_shard(module, **kwargs)
         fully_shard(parts.embeddings if len(parts.embeddings) > 1 else parts.embeddings[0], **kwargs)
         fully_shard(model, **kwargs)
-        return model
+        # FSDP2 picks its root at the first forward, and must meet the root first; transformers'
+        # generate and the shared-media path call the towers directly before the root forward,
+        # so one short text-only forward through the root settles it.
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=self.device), use_cache=False)
+        return self._resharded(model)  # the optimizer must hold the sharded parameters
 
     def prepare(self, model, make_optimizer):
         compute = None if self.precision == "fp32" else COMPUTE_DTYPES[self.precision]
@@ -95,9 +105,18 @@ class FSDP2Strategy(Collectives):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def _resharded(self, model=None):
+        """The model with every unit's parameters back in their sharded form (the root keeps
+        its unsharded ones after a forward), as the optimizer and state-dict helpers expect."""
+        model = self.model if model is None else model
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        return model
+
     def full_state_dict(self) -> dict:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)
+        state = get_model_state_dict(self._resharded(), options=options)
         return state if self.is_main else {}
 
     def gather_state_for_engine(self) -> dict:
@@ -107,12 +126,12 @@ class FSDP2Strategy(Collectives):
         """The optimizer state, sharded per rank (torch.distributed.checkpoint), in `path`/optimizer."""
         import torch.distributed.checkpoint as dcp
 
-        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        state = {"optimizer": get_optimizer_state_dict(self._resharded(), self.optimizer)}
         dcp.save(state, checkpoint_id=str(Path(path) / "optimizer"))
 
     def load(self, path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        state = {"optimizer": get_optimizer_state_dict(self._resharded(), self.optimizer)}
         dcp.load(state, checkpoint_id=str(Path(path) / "optimizer"))
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
