@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from lightrft_mm.errors import LightRFTError
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one or more configs, then overrides applied to each")
     demo = sub.add_parser("demo", help="prepare the demo data, train, print the demo line")
     _config_args(demo)
-    demo.add_argument("--task", default="colors", help="synthetic task of the demo data (default: colors)")
+    demo.add_argument("--task", default=None, help="synthetic task of the demo data (default: the recipe's "
+                      "data.synthetic)")
     prepare_parser(sub.add_parser("prepare", help="write unified sample shards"))
     data = sub.add_parser("data", help="look at prepared data").add_subparsers(dest="data_command", required=True)
     inspect_parser(data.add_parser("inspect", help="stats and samples of a prepared folder; --sheet draws them"))
@@ -42,12 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Under torchrun every line names its rank; ranks other than 0 log warnings and errors only.
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    where = f"rank {rank}: " if rank is not None else ""
+    logging.basicConfig(level=logging.INFO if rank in (None, "0") else logging.WARNING,
+                        format=f"%(levelname)s {where}%(name)s: %(message)s")
     try:
         return _run(args)
     except LightRFTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {where}{e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if where and type(e).__module__.startswith("torch.distributed") or "gloo" in str(e).lower():
+            print(f"error: {where}a collective with the other ranks failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}). Another rank has probably died or stalled "
+                  "past strategy.timeout_s; torchrun's summary below names the first rank that failed.",
+                  file=sys.stderr)
+            return 1
+        raise
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -69,12 +83,15 @@ def _run(args: argparse.Namespace) -> int:
         from lightrft_mm.trainer.loop import train
 
         s = train(load_config(args.config, args.overrides))
-        print(f"train: accuracy before={s['before']} after={s['after']} heldout={s['heldout']} "
-              f"time={s['seconds']}s checkpoint={s['checkpoint']}")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train: accuracy before={s['before']} after={s['after']} heldout={s['heldout']} "
+                  f"time={s['seconds']}s checkpoint={s['checkpoint']}")
     elif args.command == "demo":
         from lightrft_mm.demo import run_demo
 
-        print(run_demo(args.config, args.overrides, task=args.task)["line"])
+        line = run_demo(args.config, args.overrides, task=args.task)["line"]
+        if os.environ.get("RANK", "0") == "0":
+            print(line)
     elif args.command == "prepare":
         from lightrft_mm.prepare import run
 

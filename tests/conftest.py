@@ -11,6 +11,9 @@ import pytest
 
 from lightrft_mm.schema import Sample
 
+# DeepSpeed builds a shared-memory op on first use (~60 s): one build for every test process.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lightrft_mm" / "torch_extensions"))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _run_from_repo_root():

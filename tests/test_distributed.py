@@ -3,7 +3,7 @@
 Parity: three GRPO updates on one fixed global batch of completions (tests/workers/parity.py)
 give the same losses and gradient norms on 2 ranks as in one process. Tolerance: the ranks'
 gradients are averaged by a reduce-scatter / all-reduce instead of summed in one backward, so
-they differ by fp32 rounding (about 1e-7 relative, measured 3e-7 to 5e-7 for fsdp2); three Adam
+they differ by fp32 rounding (about 1e-7 relative, measured 3e-7 to 5e-7 for fsdp2 and ZeRO-2/3); three Adam
 steps carry that into the parameters at lr * 1e-7. rtol 1e-5 on the loss and 1e-5 on the
 gradient norm is 20x the measured difference and far below what a wrong normaliser (a factor
 of 2), a lost rank (half the batch) or a skipped micro-batch would give.
@@ -62,6 +62,9 @@ STRATEGY_CASES = {
     "fsdp2": ["strategy.name=fsdp2"],
     "fsdp2-reinforce_pp": ["strategy.name=fsdp2", "algorithm.name=reinforce_pp"],  # global whitening
     "fsdp2-dr_grpo": ["strategy.name=fsdp2", "algorithm.name=dr_grpo", "algorithm.mini_batches=2"],
+    "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
+    "zero3-rloo": ["strategy.name=deepspeed", "strategy.zero_stage=3", "algorithm.name=rloo"],
 }
 
 
@@ -81,7 +84,7 @@ def fp32_at_lr_1e_6(tmp_path_factory, colors) -> dict:
     return run_parity(tmp_path_factory.mktemp("fp32"), colors, ["trainer.lr=1e-6"], nproc=1)
 
 
-@pytest.mark.parametrize("strategy,nproc", [("single", 1), ("fsdp2", 2)])
+@pytest.mark.parametrize("strategy,nproc", [("single", 1), ("fsdp2", 2), ("deepspeed", 2)])
 def test_bf16_changes_every_parameter_at_lr_1e_6(strategy, nproc, tmp_path, colors, fp32_at_lr_1e_6):
     """fp32 master weights: a bf16 run's update of lr 1e-6 is not rounded away. Every trainable
     tensor changes, and as many of their elements as in fp32 (the embedding rows of tokens the

@@ -205,6 +205,15 @@ def _cross_checks(cfg: Config) -> list[str]:
 
     problems += weight_problems(cfg.data.weights, len(cfg.data.train))
     problems += cfg.algorithm.problems(cfg)
+    if cfg.data.synthetic:
+        from lightrft_mm.datasets.synthetic import TASKS
+
+        if cfg.data.synthetic not in TASKS:
+            problems.append(f"data.synthetic: unknown task {cfg.data.synthetic!r}. Known: {', '.join(TASKS.names())}."
+                            f"{did_you_mean(cfg.data.synthetic, TASKS.names())}")
+        elif not cfg.data.train:
+            problems.append("data.synthetic: names no folder to generate into. Fix: data.train=[runs/my-data/train] "
+                            "(and data.eval for the held-out split).")
     from lightrft_mm.strategy import strategy_problems
 
     problems += strategy_problems(cfg)

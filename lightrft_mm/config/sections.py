@@ -47,6 +47,9 @@ class DataConfig:
                                  "tokens, as the model's processor encodes it) is longer than this; "
                                  "the count is logged as data/filtered_long (0 = keep all).", low=0)
     eval_max_samples: int = opt(0, "Evaluate on at most this many held-out samples (0 = all).", low=0)
+    synthetic: str = opt("", "Synthetic task (colors, moving_dot, higher_tone, geo3k_like) whose training and "
+                         "held-out splits are generated into data.train[0] and data.eval[0] when those folders do "
+                         "not exist yet (by rank 0 under torchrun). Empty = never generate.")
     system_prompt: str = opt("", "System message added to samples that have none (empty = none).")
     on_media_error: str = opt("skip", "A training sample whose media fails to decode: skip it (counted "
                               "in data/skipped_media) or fail the run.", choices=("skip", "fail"))

@@ -56,3 +56,20 @@ def generate(task: str, n: int, seed: int, out_dir: Path) -> list[Sample]:
     if n < 1:
         raise DataError(f"synthetic:{task}: --n must be >= 1, got {n}.")
     return TASKS.get(task)(n, seed, out_dir / "media")
+
+
+# Splits that `data.synthetic` generates: (samples, generator seed). Held-out seeds never meet training.
+SPLITS = {"train": (1024, 1), "heldout": (256, 2)}
+
+
+def ensure_synthetic(data_cfg) -> None:
+    """Generate `data_cfg.synthetic` into data.train[0] / data.eval[0] where they do not exist yet."""
+    from lightrft_mm.prepare import prepare_synthetic
+
+    if not data_cfg.synthetic:
+        return
+    for paths, split in ((data_cfg.train[:1], "train"), (data_cfg.eval[:1], "heldout")):
+        for path in paths:
+            if not Path(path).exists():
+                n, seed = SPLITS[split]
+                prepare_synthetic(data_cfg.synthetic, Path(path), n=n, seed=seed)

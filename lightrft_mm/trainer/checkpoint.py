@@ -21,6 +21,7 @@ def save_hf(model, processor, path: Path, *, strategy=None, dtype: str = "float3
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     state = strategy.full_state_dict() if strategy else model.state_dict()
+    model = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
     main = strategy.is_main if strategy else True
     if main:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,7 @@ from lightrft_mm.algorithms.tokens import loss_units, masked_mean, micro_batch_w
 from lightrft_mm.config import Config, to_dict
 from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported, load_samples,
                                          prompt_token_counter)
+from lightrft_mm.datasets.synthetic import ensure_synthetic
 from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.models import load_policy
 from lightrft_mm.models import logprobs
@@ -75,6 +76,9 @@ def _train(cfg: Config, strategy) -> dict:
                               first_temperature=cfg.rollout.fire_temperature)
 
     # Data (each rank takes its share of every global batch, whole prompt groups) and rewards.
+    if strategy.is_main:
+        ensure_synthetic(cfg.data)
+    strategy.barrier()
     token_len = prompt_token_counter(adapter) if cfg.data.max_prompt_tokens else None
     train_data = PromptLoader.from_config(cfg.data, seed=cfg.trainer.seed, token_len=token_len,
                                           modalities=adapter.modalities, rank=strategy.rank, world_size=world,
