@@ -29,3 +29,13 @@ def test_demo_learns_from_chance_and_needs_the_image(tmp_path, checkpoint_accura
     real, blanked = checkpoint_accuracy(summary["checkpoint"], [data / "heldout", blank], max_new_tokens=8)
     assert real == pytest.approx(summary["after"])
     assert blanked <= 0.35
+
+
+@pytest.mark.slow
+def test_demo_learns_in_bf16(tmp_path):
+    """strategy.precision=bf16: bf16 compute over fp32 master weights still learns the task."""
+    data = tmp_path / "data"
+    summary = run_demo("recipes/demo/colors.yaml", [
+        f"data.train=[{data / 'train'}]", f"data.eval=[{data / 'heldout'}]", "strategy.precision=bf16",
+        f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false", "logging.plot=false"])
+    assert summary["before"] <= 0.35 and summary["after"] >= 0.80, summary["line"]

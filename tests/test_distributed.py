@@ -116,3 +116,29 @@ def test_a_dead_rank_stops_the_others(tmp_path, colors):
     assert proc.returncode != 0
     assert time.time() - started < 200
     assert "rank" in proc.stderr and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [["strategy.name=fsdp2"], ["strategy.name=deepspeed", "strategy.zero_stage=3"]],
+                         ids=["fsdp2", "zero3"])
+def test_colour_demo_learns_on_two_ranks(strategy, tmp_path, checkpoint_accuracy):
+    """The issue's check: `torchrun --nproc_per_node 2 -m lightrft_mm train recipes/demo/colors.yaml
+    strategy.name=...` writes one run folder (rank 0), learns (>= 0.8 held-out), and its final
+    checkpoint reloads in transformers without this package."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    proc = torchrun(["-m", "lightrft_mm", "train", "recipes/demo/colors.yaml", *strategy,
+                     f"data.train=[{data / 'train'}]", f"data.eval=[{data / 'heldout'}]",
+                     f"trainer.output_dir={out}", "logging.progress=false"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("train: accuracy") == 1  # rank 0 reports, once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["before"] <= 0.35 and summary["after"] >= 0.8, summary
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open() if "grad_norm" in line]
+    assert steps == list(range(1, 151))  # one writer: every step once
+    reload = subprocess.run([sys.executable, "-c", (
+        "import sys, transformers; m = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1]); "
+        "assert 'lightrft_mm' not in sys.modules; print(type(m).__name__)"), summary["checkpoint"]],
+        capture_output=True, text=True, check=True)
+    assert "Qwen2_5_VL" in reload.stdout
+    assert checkpoint_accuracy(summary["checkpoint"], [data / "heldout"], max_new_tokens=8)[0] == pytest.approx(
+        summary["after"])

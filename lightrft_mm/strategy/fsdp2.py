@@ -64,7 +64,8 @@ class FSDP2Strategy(Collectives):
         parts = model_parts(model)
         for module in [*parts.blocks, *parts.projectors, *parts.towers]:
             fully_shard(module, **kwargs)
-        fully_shard(parts.embeddings if len(parts.embeddings) > 1 else parts.embeddings[0], **kwargs)
+        if parts.embeddings:
+            fully_shard(parts.embeddings if len(parts.embeddings) > 1 else parts.embeddings[0], **kwargs)
         fully_shard(model, **kwargs)
         # FSDP2 picks its root at the first forward, and must meet the root first; transformers'
         # generate and the shared-media path call the towers directly before the root forward,

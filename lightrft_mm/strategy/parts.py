@@ -47,8 +47,8 @@ def model_parts(model: nn.Module) -> ModelParts:
     projector = getattr(base, "multi_modal_projector", None)
     if isinstance(projector, nn.Module):
         parts.projectors.append(projector)
-    embed = model.get_input_embeddings()
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and getattr(head, "weight", None) is getattr(embed, "weight", object())
-    parts.embeddings = [embed, head] if tied else [embed]
+    parts.embeddings = [embed, head] if tied else [embed] if embed is not None else []
     return parts
