@@ -142,3 +142,21 @@ def test_colour_demo_learns_on_two_ranks(strategy, tmp_path, checkpoint_accuracy
     assert "Qwen2_5_VL" in reload.stdout
     assert checkpoint_accuracy(summary["checkpoint"], [data / "heldout"], max_new_tokens=8)[0] == pytest.approx(
         summary["after"])
+
+
+@pytest.mark.parametrize("strategy", [["strategy.name=fsdp2"], ["strategy.name=deepspeed", "strategy.zero_stage=3"]],
+                         ids=["fsdp2", "zero3"])
+def test_dapo_with_kl_tis_and_accumulation_runs_on_two_ranks(strategy, tmp_path, colors):
+    """Dynamic sampling (ranks keep different numbers of informative groups and must train on
+    as many), the KL reference (sharded by the strategy), TIS and micro-batch accumulation."""
+    out = tmp_path / "run"
+    proc = torchrun(["-m", "lightrft_mm", "train", "recipes/demo/colors.yaml", *strategy, "algorithm.name=dapo",
+                     "algorithm.kl_coef=0.01", "algorithm.tis_cap=2", "algorithm.mini_batches=2",
+                     "trainer.micro_batch_groups=1", "warmup.steps=20", "trainer.max_steps=4", "data.batch_size=8",
+                     f"data.train=[{colors}]", f"data.eval=[{colors}]", f"trainer.output_dir={out}",
+                     "logging.progress=false", "logging.plot=false"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open() if "grad_norm" in line]
+    assert len(rows) == 4
+    assert all(0 <= r["sampling/kept_fraction"] <= 1 and r["loss/kl"] >= 0 and r["kl/coef"] == 0.01 for r in rows)
+    assert any(r["grad_norm"] > 0 for r in rows)

@@ -348,11 +348,12 @@ def _informative_batch(rollout_and_score, batch_iter, want: int, max_batches: in
     trimmed = []
     for part_rollouts, part_inputs, sc, groups in parts:
         take = min(len(groups), keep - sum(len(g) for *_, g in trimmed))
+        if take == 0:
+            break
         if take < len(groups):
             rows = list(range(take * part_rollouts.n))
             part_rollouts, part_inputs = select_rows(part_rollouts, rows, pad_id), part_inputs[:len(rows)]
-        if take:
-            trimmed.append((part_rollouts, part_inputs, sc, groups[:take]))
+        trimmed.append((part_rollouts, part_inputs, sc, groups[:take]))
     joined = type(scored)(torch.cat([sc.rewards[g] for _, _, sc, g in trimmed]),  # a ScoredBatch
                           torch.cat([sc.valid[g] for _, _, sc, g in trimmed]), _merge_metrics(metrics))
     inputs = renumber_groups([x for _, part_inputs, _, _ in trimmed for x in part_inputs], rollouts.n)
