@@ -1,6 +1,6 @@
 """Step time and memory of the training strategies, and one GRPO run of a 3B VLM on a GPU.
 
-    .venv/bin/python bench/strategies.py                    # the CPU table (~5 min on 2 cores)
+    .venv/bin/python bench/strategies.py                    # the CPU table (~2.5 min on 2 cores)
     .venv/bin/python bench/strategies.py --only deepspeed --steps 8 --set rollout.max_new_tokens=16
     .venv/bin/python bench/strategies.py --gpu              # one CUDA GPU, < 5 min on an H200
     .venv/bin/python bench/strategies.py --gpu --dry-run    # the GPU path's plumbing, on a CPU
@@ -125,7 +125,10 @@ def launch(out: Path, procs: int, overrides: list[str], *, threads: int, torchru
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         log = proc.communicate()[0]
-        raise SystemExit(f"run stopped after {timeout:.0f} s (timeout):\n{log[-4000:]}")
+        metrics = out / "run" / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        raise SystemExit(f"{log[-4000:]}\nrun stopped after {timeout:.0f} s (timeout); time/step of the steps done: "
+                         f"{[round(r['time/step'], 3) for r in rows if 'time/step' in r]}")
     if proc.returncode:
         raise SystemExit(f"run failed (exit {proc.returncode}):\n{log[-4000:]}")
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -134,6 +137,14 @@ def launch(out: Path, procs: int, overrides: list[str], *, threads: int, torchru
 
 
 # ---------------------------------------------------------------------------------- CPU table --
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process's finished children):
+    their difference over a run is what other processes took from it (Linux /proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
+
 
 def cpu_table(args) -> None:
     from lightrft_mm.prepare import prepare_synthetic
@@ -152,19 +163,24 @@ def cpu_table(args) -> None:
                          f"trainer.max_steps={args.steps}", *([f"strategy.zero_stage={zero}"] if zero else []),
                          *args.set]
             threads = max(cores // procs, 1)
+            (machine, ours), start = cpu_seconds(), time.time()
             rows, reports = launch(Path(tmp) / f"run{i}", procs, overrides, threads=threads,
-                                   torchrun=name != "single", timeout=600)
+                                   torchrun=name != "single", timeout=args.timeout or 600)
+            (machine_end, ours_end), wall = cpu_seconds(), time.time() - start
+            other = max(machine_end - machine - (ours_end - ours), 0.0) / (wall * cores)
             rss = [r["peak_rss_mib"] for r in reports]
             label = f"{name}{f' zero{zero}' if zero else ''}"
             results.append((label, precision, procs, threads,
-                            statistics.median(r["time/step"] for r in rows[args.skip:]), max(rss), sum(rss)))
+                            statistics.median(r["time/step"] for r in rows[args.skip:]), max(rss), sum(rss), other))
             print(f"{label:>15} {precision} x{procs}: {results[-1][4]:.3f} s/step", flush=True)
     print("\npeak RSS: ru_maxrss of each rank's own process (getrusage RUSAGE_SELF at exit; torchrun's "
-          "launcher not counted); per process = the largest rank")
+          "launcher not counted); per process = the largest rank. other CPU: the share of the machine's CPU "
+          "time other processes used during the run (> a few % = the numbers are disturbed)")
     print(f"{'strategy':<16} {'precision':<9} {'procs':>5} {'threads':>7} {'s/step':>7} "
-          f"{'RSS/proc MiB':>12} {'RSS sum MiB':>11}")
-    for label, precision, procs, threads, step, rss, total in results:
-        print(f"{label:<16} {precision:<9} {procs:>5} {threads:>7} {step:7.3f} {rss:12.0f} {total:11.0f}")
+          f"{'RSS/proc MiB':>12} {'RSS sum MiB':>11} {'other CPU':>9}")
+    for label, precision, procs, threads, step, rss, total, other in results:
+        print(f"{label:<16} {precision:<9} {procs:>5} {threads:>7} {step:7.3f} {rss:12.0f} {total:11.0f} "
+              f"{other:9.0%}")
 
 
 # ------------------------------------------------------------------------------------ GPU run --
@@ -179,7 +195,6 @@ def build_model(folder: Path, *, shrunk: bool, image_size: int) -> dict:
     from lightrft_mm.models.tiny import build_tiny
 
     hf_logging.disable_progress_bar()
-
     # The processor of tiny:qwen2_5_vl with the real Qwen tokenizer; its small model is dropped.
     _, processor = build_tiny("qwen2_5_vl", tokenizer="qwen", image_size=image_size)
     tok = processor.tokenizer
@@ -219,9 +234,9 @@ def gpu_run(args) -> None:
     """fsdp2 + bf16 GRPO steps of the 3B-shaped model on one GPU (one torchrun process), then
     s/step, generated tokens/s, peak GPU memory and MFU. `--dry-run`: the shrunk model, one
     step, on the CPU, to check the plumbing (its numbers mean nothing)."""
-    from lightrft_mm.prepare import prepare_synthetic
-
     import torch
+
+    from lightrft_mm.prepare import prepare_synthetic
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("--gpu: torch sees no CUDA device. Fix: run it on a GPU machine, or add --dry-run.")
@@ -243,7 +258,7 @@ def gpu_run(args) -> None:
                      f"rollout.max_new_tokens={s['new_tokens']}", f"trainer.max_steps={steps}", "trainer.lr=1e-6",
                      f"trainer.micro_batch_groups={s['micro_batch_groups']}", *args.set]
         rows, reports = launch(Path(tmp) / "gpu", 1, overrides, threads=len(os.sched_getaffinity(0)),
-                               torchrun=True, timeout=args.timeout)
+                               torchrun=True, timeout=args.timeout or 240)
     per_step = [{k: sum(r["rollouts"][i][k] for r in reports) for k in ("s", "prompt_tokens", "completion_tokens")}
                 for i in range(len(rows))]  # one generate call per step and rank (no dynamic sampling)
     timed = list(zip(rows, per_step))[skip:]
@@ -260,13 +275,12 @@ def gpu_run(args) -> None:
     print(f"s/step                {step_s:.3f}")
     print(f"generated tokens/s    {gen_tps:.0f} (completion tokens / HFRolloutEngine.generate time); "
           f"{gen / step_s:.0f} over the whole step; {gen:.0f} tokens/step")
-    print(f"peak GPU memory       " + (f"{max(cuda) / 1024:.1f} GiB (torch.cuda.max_memory_allocated, largest rank)"
+    print("peak GPU memory       " + (f"{max(cuda) / 1024:.1f} GiB (torch.cuda.max_memory_allocated, largest rank)"
                                        if cuda else "n/a (no CUDA)"))
     print(f"peak RSS              {max(r['peak_rss_mib'] for r in reports):.0f} MiB per process")
     print(f"MFU                   {flops / step_s / (args.peak_tflops * 1e12):.1%} = (6 N T_train + 2 N T_gen) / "
           f"s_step / peak; N = {n_params / 1e9:.3f}B language-model parameters (tied embedding once, vision tower "
-          f"left out), "
-          f"T_train = {trained:.0f} prompt + completion tokens of the B*n rows, T_gen = {gen:.0f}, "
+          f"left out), T_train = {trained:.0f} prompt + completion tokens of the B*n rows, T_gen = {gen:.0f}, "
           f"peak = {args.peak_tflops:g} TFLOP/s; attention scores, vision tower and rollout prefill not counted")
 
 
@@ -283,7 +297,7 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="with --gpu: the shrunk model, one step, on the CPU")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (default 989: H100 / H200 SXM)")
-    p.add_argument("--timeout", type=float, default=270.0, help="--gpu: seconds the training may take")
+    p.add_argument("--timeout", type=float, help="seconds one training run may take (CPU 600, --gpu 240)")
     args = p.parse_args()
     if args.gpu:
         return gpu_run(args)

@@ -16,7 +16,8 @@ from lightrft_mm.processors.adapter import PromptEncoding, collate
 from lightrft_mm.rewards import ScoredBatch
 from lightrft_mm.rollout.hf import Rollouts, SamplingParams, _FirstTokenTemperature
 from lightrft_mm.trainer.experience import concat_rollouts, mini_batch_rows, select_rows
-from lightrft_mm.trainer.loop import _informative_batch, train
+from lightrft_mm.trainer.experience import informative_batch
+from lightrft_mm.trainer.loop import train
 
 NAMES = ["grpo", "dr_grpo", "dapo", "gspo", "gmpo", "reinforce_pp", "reinforce_pp_baseline", "rloo", "cpgd",
          "reinforce"]
@@ -213,7 +214,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
                                                                            "reward/errors": 1})
         return None, rollouts, inputs, scored, 0
 
-    rollouts, inputs, scored, skipped, stats = _informative_batch(rollout_and_score, iter(range(9)), want=3,
+    rollouts, inputs, scored, skipped, stats = informative_batch(rollout_and_score, iter(range(9)), want=3,
                                                                   max_batches=4, pad_id=0)
     assert len(calls) == 2 and stats == {"sampling/kept_fraction": 4 / 6, "sampling/batches": 2}
     # Batch 1 gives its group 1; batch 2 its groups 0 and 1 (group 2 is not needed).
@@ -226,7 +227,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
 
     calls.clear()
     batches[:] = [torch.ones(3, 2)] * 2
-    rollouts, _, scored, _, stats = _informative_batch(rollout_and_score, iter(range(9)), want=3, max_batches=2,
+    rollouts, _, scored, _, stats = informative_batch(rollout_and_score, iter(range(9)), want=3, max_batches=2,
                                                        pad_id=0)
     assert stats == {"sampling/kept_fraction": 0.0, "sampling/batches": 2}
     assert scored.rewards.shape == (3, 2)  # nothing informative: the last batch as it is

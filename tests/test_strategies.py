@@ -12,7 +12,8 @@ from lightrft_mm.algorithms.tokens import masked_moments, masked_whiten
 from lightrft_mm.config import StrategyConfig, load_config
 from lightrft_mm.errors import ConfigError
 from lightrft_mm.strategy.single import SingleStrategy
-from lightrft_mm.trainer.loop import _check_media_kinds, reduce_metrics
+from lightrft_mm.trainer.metrics import reduce_metrics
+from lightrft_mm.trainer.setup import check_media_kinds
 
 
 def problems_of(*overrides) -> str:
@@ -181,6 +182,6 @@ def test_sharded_runs_refuse_data_that_mixes_media_kinds(image_samples):
 
     text = Sample.from_dict({"id": "t", "messages": [{"role": "user", "content": "hi"}], "answer": "a"})
     with pytest.raises(ConfigError, match="mix media kinds .*image, text only"):
-        _check_media_kinds([*image_samples, text], Comm([]))
-    _check_media_kinds(image_samples, Comm([]))  # one kind: fine
-    _check_media_kinds([*image_samples, text], Comm([], sharded=False))  # ZeRO-1/2: parameters whole
+        check_media_kinds([*image_samples, text], Comm([]))
+    check_media_kinds(image_samples, Comm([]))  # one kind: fine
+    check_media_kinds([*image_samples, text], Comm([], sharded=False))  # ZeRO-1/2: parameters whole

@@ -1,4 +1,5 @@
-"""Rollout batches as training experience: pick prompt groups, join batches, split mini-batches.
+"""Rollout batches as training experience: pick prompt groups, join batches, split mini-batches,
+and (data parallel) give every rank as many groups as the others.
 
 A `Rollouts` is group-major (rows g*n .. g*n+n-1 are prompt g's completions) and its prompts
 keep their per-prompt encodings, so any subset of groups can be re-collated exactly.
@@ -7,11 +8,16 @@ keep their per-prompt encodings, so any subset of groups can be re-collated exac
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
+from lightrft_mm.algorithms.stabilisers import informative_groups
 from lightrft_mm.processors.adapter import collate
 from lightrft_mm.rollout.hf import Rollouts
+from lightrft_mm.strategy.dist import LOCAL
+
+log = logging.getLogger(__name__)
 
 
 def group_rows(groups: list[int], n: int) -> list[int]:
@@ -108,3 +114,81 @@ def micro_batch_rows(rows: list[int], n: int, lengths: torch.Tensor, groups_per_
         return [rows]
     groups.sort(key=lambda g: int(lengths[g].max()))
     return [[r for g in groups[i:i + groups_per_micro] for r in g] for i in range(0, len(groups), groups_per_micro)]
+
+
+def informative_batch(rollout_and_score, batch_iter, want: int, max_batches: int, pad_id: int, comm=LOCAL):
+    """DAPO dynamic sampling: roll out batches until every rank has kept `want` prompt groups
+    whose rewards differ, or `max_batches` batches were tried; join the kept groups into one
+    step batch. Every rank trains on as many groups as the rank that kept fewest (their
+    forwards are collective), so the global kept count is that times the world size.
+
+    If no group of any rank was informative, the last batch is used as it is (its advantages
+    are 0; only the KL and entropy terms act).
+
+    Returns:
+        (rollouts, inputs, scored, skipped media, stats). `scored.metrics` cover every batch
+        rolled out (means weighted by completions, counts summed); `stats` holds
+        sampling/kept_fraction (informative groups / groups rolled out, over every rank) and
+        sampling/batches.
+    """
+    parts, metrics, seen, informative, skipped, kept = [], [], 0, 0, 0, 0
+    for tries in range(1, max_batches + 1):
+        _, rollouts, inputs, scored, skip = rollout_and_score(next(batch_iter))
+        skipped += skip
+        metrics.append((scored.metrics, len(inputs)))
+        groups = informative_groups(scored.rewards, scored.valid).nonzero().flatten().tolist()
+        seen, informative = seen + scored.rewards.shape[0], informative + len(groups)
+        groups = groups[:want - kept]
+        if groups:
+            rows = group_rows(groups, rollouts.n)
+            parts.append((select_rows(rollouts, rows, pad_id), [inputs[i] for i in rows], scored, groups))
+            kept += len(groups)
+        if comm.all_reduce(kept, "min") >= want:
+            break
+    stats = {"sampling/kept_fraction": comm.all_reduce(informative) / comm.all_reduce(seen),
+             "sampling/batches": tries}
+    keep = int(comm.all_reduce(kept, "min"))
+    if keep == 0:
+        rollouts, inputs, scored = equal_groups(rollouts, inputs, scored, comm, pad_id)
+        return rollouts, inputs, scored, skipped, stats
+    trimmed = []
+    for part_rollouts, part_inputs, sc, groups in parts:
+        take = min(len(groups), keep - sum(len(g) for *_, g in trimmed))
+        if take == 0:
+            break
+        if take < len(groups):
+            rows = list(range(take * part_rollouts.n))
+            part_rollouts, part_inputs = select_rows(part_rollouts, rows, pad_id), part_inputs[:len(rows)]
+        trimmed.append((part_rollouts, part_inputs, sc, groups[:take]))
+    joined = type(scored)(torch.cat([sc.rewards[g] for _, _, sc, g in trimmed]),  # a ScoredBatch
+                          torch.cat([sc.valid[g] for _, _, sc, g in trimmed]), merge_metrics(metrics))
+    inputs = renumber_groups([x for _, part_inputs, _, _ in trimmed for x in part_inputs], rollouts.n)
+    return concat_rollouts([r for r, _, _, _ in trimmed], pad_id), inputs, joined, skipped, stats
+
+
+def equal_groups(rollouts, inputs, scored, comm, pad_id: int):
+    """Cut this rank's batch to as many prompt groups as the rank with fewest has (a sample
+    skipped for broken media leaves its rank one short): every rank then runs the same number
+    of (collective) forwards and optimizer steps."""
+    groups = scored.rewards.shape[0]
+    keep = int(comm.all_reduce(groups, "min"))
+    if keep == groups:
+        return rollouts, inputs, scored
+    log.warning("rank %d: training on %d of its %d prompt groups this step (another rank has only %d)",
+                comm.rank, keep, groups, keep)
+    rows = list(range(keep * rollouts.n))
+    cut = type(scored)(scored.rewards[:keep], scored.valid[:keep], scored.metrics)
+    return select_rows(rollouts, rows, pad_id), inputs[:len(rows)], cut
+
+
+def merge_metrics(metrics: list[tuple[dict, int]]) -> dict:
+    """Metrics of several scored batches: integer counts summed, other numbers averaged, each
+    batch weighted by its completions (over the batches that report the key)."""
+    merged = {}
+    for key in dict.fromkeys(k for m, _ in metrics for k in m):
+        values = [(m[key], w) for m, w in metrics if key in m]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v, _ in values):
+            merged[key] = sum(v for v, _ in values)
+        else:
+            merged[key] = sum(float(v) * w for v, w in values) / max(sum(w for _, w in values), 1)
+    return merged

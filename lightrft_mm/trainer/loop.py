@@ -7,43 +7,31 @@ protocols; the algorithm math is the pure functions of `lightrft_mm.algorithms`,
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
-import random
-import shutil
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from lightrft_mm.algorithms.advantages import compute_advantages
 from lightrft_mm.algorithms.kl import adaptive_kl_coef, kl_reward_penalty
 from lightrft_mm.algorithms.losses import policy_loss
 from lightrft_mm.algorithms.stabilisers import (RunningMoments, clip_advantages, finished, high_entropy_mask,
-                                                informative_groups, normalize_rewards)
+                                                normalize_rewards)
 from lightrft_mm.algorithms.tokens import loss_units, masked_mean, micro_batch_weight
-from lightrft_mm.config import Config, to_dict
-from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported, load_samples,
-                                         prompt_token_counter)
-from lightrft_mm.datasets.synthetic import ensure_synthetic
-from lightrft_mm.errors import ConfigError, MediaError
-from lightrft_mm.models import load_policy
+from lightrft_mm.config import Config
+from lightrft_mm.errors import MediaError
 from lightrft_mm.models import logprobs
-from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.adapter import collate
-from lightrft_mm.rewards import RewardInput, build_reward_set, check_routing, prompt_messages, score_rewards
-from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
+from lightrft_mm.rewards import RewardInput, prompt_messages, score_rewards
 from lightrft_mm.strategy import STRATEGIES
-from lightrft_mm.strategy.dist import LOCAL
 from lightrft_mm.trainer.checkpoint import save_hf
 from lightrft_mm.trainer.evaluate import evaluate
-from lightrft_mm.trainer.experience import (concat_rollouts, group_rows, micro_batch_rows, mini_batch_rows,
-                                            renumber_groups, select_rows)
-from lightrft_mm.trainer.metrics import open_writer
-from lightrft_mm.trainer.warmup import warmup
+from lightrft_mm.trainer.experience import (equal_groups, informative_batch, micro_batch_rows, mini_batch_rows,
+                                            select_rows)
+from lightrft_mm.trainer.metrics import open_writer, reduce_metrics
+from lightrft_mm.trainer.setup import build_run
 
 log = logging.getLogger(__name__)
 
@@ -62,57 +50,15 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, strategy) -> dict:
     started = time.time()
-    out = _prepare_output_dir(cfg, strategy)
-    _seed_everything(cfg.trainer.seed)
-    world = strategy.world_size
-
-    # Model and adapter; the rollout engine is built on the prepared (sharded) model below.
-    model, processor = load_policy(cfg.model, seed=cfg.trainer.seed)
-    adapter = make_adapter(model, processor, system_prompt=cfg.data.system_prompt or None,
-                           image=cfg.image, video=cfg.video, audio=cfg.audio)
-    model.to(strategy.device)
-    sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                              first_temperature=cfg.rollout.fire_temperature)
-
-    # Data (each rank takes its share of every global batch, whole prompt groups) and rewards.
-    if strategy.is_main:
-        ensure_synthetic(cfg.data)
-    strategy.barrier()
-    token_len = prompt_token_counter(adapter) if cfg.data.max_prompt_tokens else None
-    train_data = PromptLoader.from_config(cfg.data, seed=cfg.trainer.seed, token_len=token_len,
-                                          modalities=adapter.modalities, rank=strategy.rank, world_size=world,
-                                          batch_size=cfg.data.batch_size // world)
-    train_samples = train_data.samples
-    eval_samples, _ = drop_unsupported(load_samples(cfg.data.eval), adapter.modalities, where="data.eval")
-    if cfg.data.eval_max_samples:
-        eval_samples = eval_samples[:cfg.data.eval_max_samples]
-    _check_media_kinds(train_samples + eval_samples, strategy)
-    batch_iter = iter(train_data)
-    reward_fns = build_reward_set(cfg.rewards, cfg.scoring)
-    unrewarded = check_routing(reward_fns, train_samples, eval_samples)
-    if unrewarded and strategy.is_main:
-        log.warning("no reward applies to samples of source(s) %s: their completions are left out of the loss "
-                    "(counted in reward/invalid). Fix: the rewards' sources.", ", ".join(unrewarded))
-    acc_name = cfg.trainer.accuracy_reward
-    eval_fns = reward_fns.including(acc_name)
-
-    # Optional format warm-up (answer-free; every rank alike, before sharding), then the frozen
-    # reference for the KL term, then the policy's strategy (fp32 master weights + optimizer).
-    if cfg.warmup.steps:
-        warmup(model, adapter, batches(train_samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
-               cfg.warmup, seed=cfg.trainer.seed, device=strategy.device,
-               progress=cfg.logging.progress and strategy.is_main)
-    ref_model = strategy.prepare_frozen(_frozen_copy(model)) if cfg.algorithm.kl_coef > 0 else None
-    model, optimizer = strategy.prepare(model, functools.partial(
-        torch.optim.AdamW, lr=cfg.trainer.lr, betas=(cfg.trainer.adam_beta1, cfg.trainer.adam_beta2),
-        weight_decay=cfg.trainer.weight_decay))
-    engine = HFRolloutEngine(model, adapter, share_prefill=cfg.trainer.encode_prompts_once, comm=strategy)
+    run = build_run(cfg, strategy)  # model, adapter, data, rewards, reference, prepared policy, engine
+    out, model, adapter, engine, sampling = run.out, run.model, run.adapter, run.engine, run.sampling
+    ref_model, train_data, eval_samples, reward_fns = run.ref_model, run.train_data, run.eval_samples, run.reward_fns
+    world, batch_iter = strategy.world_size, iter(run.train_data)
 
     def run_eval() -> dict:
         if not eval_samples:
             return {}
-        return evaluate(engine, adapter, eval_samples, eval_fns, accuracy_reward=acc_name,
+        return evaluate(engine, adapter, eval_samples, run.eval_fns, accuracy_reward=cfg.trainer.accuracy_reward,
                         max_new_tokens=cfg.rollout.max_new_tokens, comm=strategy)
 
     def rollout_and_score(batch):
@@ -144,12 +90,12 @@ def _train(cfg: Config, strategy) -> dict:
         #      keeps only the groups whose rewards differ and rolls out more prompts to fill up.
         #      Every rank ends with as many groups as the others (its forwards are collective).
         if alg.dynamic_sampling:
-            rollouts, inputs, scored, skipped, sampled = _informative_batch(
+            rollouts, inputs, scored, skipped, sampled = informative_batch(
                 rollout_and_score, batch_iter, cfg.data.batch_size // world, alg.dynamic_sampling_max_batches,
                 pad_id, strategy)
         else:
             _, rollouts, inputs, scored, skipped = rollout_and_score(next(batch_iter))
-            rollouts, inputs, scored = _equal_groups(rollouts, inputs, scored, strategy, pad_id)
+            rollouts, inputs, scored = equal_groups(rollouts, inputs, scored, strategy, pad_id)
             sampled = {}
         skipped_media += skipped
         rewards, reward_valid = scored.rewards, scored.valid
@@ -217,7 +163,7 @@ def _train(cfg: Config, strategy) -> dict:
                                 "reward": float(scored.rewards.view(-1)[i]),
                                 "advantage": float(masked_mean(advantages[i], rollouts.completion_mask[i]))})
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            save_hf(model, processor, out / f"checkpoint-{step}", strategy=strategy, dtype=cfg.model.dtype)
+            save_hf(model, run.processor, out / f"checkpoint-{step}", strategy=strategy, dtype=cfg.model.dtype)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", acc=_fmt(row.get("eval/accuracy")))
     bar.close()
@@ -226,10 +172,11 @@ def _train(cfg: Config, strategy) -> dict:
     metrics.write({"step": cfg.trainer.max_steps, **{f"eval/{k}": v for k, v in after.items()}})
     metrics.close()
     trajectories.close()
-    save_hf(model, processor, out / "checkpoint-final", strategy=strategy, dtype=cfg.model.dtype)
+    save_hf(model, run.processor, out / "checkpoint-final", strategy=strategy, dtype=cfg.model.dtype)
     summary = {"before": before.get("accuracy"), "after": after.get("accuracy"),
                "heldout": len(eval_samples), "seconds": round(time.time() - started, 1),
-               "steps": cfg.trainer.max_steps, "skipped_media": row["data/skipped_media"], "world_size": world, "checkpoint": str(out / "checkpoint-final")}
+               "steps": cfg.trainer.max_steps, "skipped_media": row["data/skipped_media"], "world_size": world,
+               "checkpoint": str(out / "checkpoint-final")}
     if strategy.is_main:
         if cfg.logging.plot:
             from lightrft_mm.trainer.plot import plot_curves
@@ -310,84 +257,6 @@ def _encode(adapter, samples, policy: str):
     return kept, collate(encodings, adapter.pad_token_id), len(samples) - len(kept)
 
 
-def _informative_batch(rollout_and_score, batch_iter, want: int, max_batches: int, pad_id: int, comm=LOCAL):
-    """DAPO dynamic sampling: roll out batches until every rank has kept `want` prompt groups
-    whose rewards differ, or `max_batches` batches were tried; join the kept groups into one
-    step batch. Every rank trains on as many groups as the rank that kept fewest (their
-    forwards are collective), so the global kept count is that times the world size.
-
-    If no group of any rank was informative, the last batch is used as it is (its advantages
-    are 0; only the KL and entropy terms act).
-
-    Returns:
-        (rollouts, inputs, scored, skipped media, stats). `scored.metrics` cover every batch
-        rolled out (means weighted by completions, counts summed); `stats` holds
-        sampling/kept_fraction (informative groups / groups rolled out, over every rank) and
-        sampling/batches.
-    """
-    parts, metrics, seen, informative, skipped, kept = [], [], 0, 0, 0, 0
-    for tries in range(1, max_batches + 1):
-        _, rollouts, inputs, scored, skip = rollout_and_score(next(batch_iter))
-        skipped += skip
-        metrics.append((scored.metrics, len(inputs)))
-        groups = informative_groups(scored.rewards, scored.valid).nonzero().flatten().tolist()
-        seen, informative = seen + scored.rewards.shape[0], informative + len(groups)
-        groups = groups[:want - kept]
-        if groups:
-            rows = group_rows(groups, rollouts.n)
-            parts.append((select_rows(rollouts, rows, pad_id), [inputs[i] for i in rows], scored, groups))
-            kept += len(groups)
-        if comm.all_reduce(kept, "min") >= want:
-            break
-    stats = {"sampling/kept_fraction": comm.all_reduce(informative) / comm.all_reduce(seen),
-             "sampling/batches": tries}
-    keep = int(comm.all_reduce(kept, "min"))
-    if keep == 0:
-        rollouts, inputs, scored = _equal_groups(rollouts, inputs, scored, comm, pad_id)
-        return rollouts, inputs, scored, skipped, stats
-    trimmed = []
-    for part_rollouts, part_inputs, sc, groups in parts:
-        take = min(len(groups), keep - sum(len(g) for *_, g in trimmed))
-        if take == 0:
-            break
-        if take < len(groups):
-            rows = list(range(take * part_rollouts.n))
-            part_rollouts, part_inputs = select_rows(part_rollouts, rows, pad_id), part_inputs[:len(rows)]
-        trimmed.append((part_rollouts, part_inputs, sc, groups[:take]))
-    joined = type(scored)(torch.cat([sc.rewards[g] for _, _, sc, g in trimmed]),  # a ScoredBatch
-                          torch.cat([sc.valid[g] for _, _, sc, g in trimmed]), _merge_metrics(metrics))
-    inputs = renumber_groups([x for _, part_inputs, _, _ in trimmed for x in part_inputs], rollouts.n)
-    return concat_rollouts([r for r, _, _, _ in trimmed], pad_id), inputs, joined, skipped, stats
-
-
-def _equal_groups(rollouts, inputs, scored, comm, pad_id: int):
-    """Cut this rank's batch to as many prompt groups as the rank with fewest has (a sample
-    skipped for broken media leaves its rank one short): every rank then runs the same number
-    of (collective) forwards and optimizer steps."""
-    groups = scored.rewards.shape[0]
-    keep = int(comm.all_reduce(groups, "min"))
-    if keep == groups:
-        return rollouts, inputs, scored
-    log.warning("rank %d: training on %d of its %d prompt groups this step (another rank has only %d)",
-                comm.rank, keep, groups, keep)
-    rows = list(range(keep * rollouts.n))
-    cut = type(scored)(scored.rewards[:keep], scored.valid[:keep], scored.metrics)
-    return select_rows(rollouts, rows, pad_id), inputs[:len(rows)], cut
-
-
-def _merge_metrics(metrics: list[tuple[dict, int]]) -> dict:
-    """Metrics of several scored batches: integer counts summed, other numbers averaged, each
-    batch weighted by its completions (over the batches that report the key)."""
-    merged = {}
-    for key in dict.fromkeys(k for m, _ in metrics for k in m):
-        values = [(m[key], w) for m, w in metrics if key in m]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v, _ in values):
-            merged[key] = sum(v for v, _ in values)
-        else:
-            merged[key] = sum(float(v) * w for v, w in values) / max(sum(w for _, w in values), 1)
-    return merged
-
-
 def _fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Replace rewards where `valid` is False by the mean of the group's valid ones (or 0)."""
     if bool(valid.all()):
@@ -395,64 +264,6 @@ def _fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     v = valid.to(rewards.dtype)
     mean = (rewards * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1)
     return torch.where(valid, rewards, mean)
-
-
-def _frozen_copy(model):
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
-def _prepare_output_dir(cfg: Config, comm) -> Path:
-    """Check (every rank) and create (rank 0) the run folder; config.json records the run."""
-    out = Path(cfg.trainer.output_dir)
-    if (out / "metrics.jsonl").exists() and not cfg.trainer.overwrite:
-        raise ConfigError(f"trainer.output_dir: {out} already holds a run. Fix: choose another "
-                          "output_dir, or set trainer.overwrite=true to replace it.")
-    comm.barrier()  # every rank has looked before rank 0 replaces it
-    if comm.is_main:
-        if (out / "metrics.jsonl").exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    comm.barrier()
-    return out
-
-
-def _check_media_kinds(samples, strategy) -> None:
-    """Sharded forwards are collective: when one rank's batch runs the vision tower and another's
-    does not, the first waits for the second forever. Until the towers run on placeholders for
-    batches without media, a sharded run needs data whose samples all hold the same media kinds."""
-    if strategy.world_size == 1 or not strategy.sharded_params:
-        return
-    kinds = {frozenset(p.type for p in s.media()) for s in samples}
-    if len(kinds) > 1:
-        names = sorted("+".join(sorted(k)) or "text only" for k in kinds)
-        raise ConfigError(f"data: the samples mix media kinds ({', '.join(names)}); with a parameter-sharding "
-                          f"strategy on {strategy.world_size} ranks a rank whose batch has no such media would "
-                          "skip the tower the others gather. Fix: train each kind in its own run, or use "
-                          "strategy.name=deepspeed with zero_stage 1 or 2 (parameters not sharded).")
-
-
-def reduce_metrics(comm, row: dict) -> dict:
-    """One rank's metrics combined over every rank: integer counts summed, other numbers
-    averaged over the ranks that report them (each rank holds an equal share of the groups)."""
-    rows = comm.gather(row)
-    merged = {}
-    for key in dict.fromkeys(k for r in rows for k in r):
-        values = [r[key] for r in rows if key in r]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            merged[key] = sum(values)
-        else:
-            merged[key] = sum(float(v) for v in values) / len(values)
-    return merged
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _progress(cfg: Config, enabled: bool):

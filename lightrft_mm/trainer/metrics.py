@@ -1,4 +1,5 @@
-"""Per-step metrics (`metrics.jsonl`) and sampled trajectories (`trajectories.jsonl`)."""
+"""Per-step metrics (`metrics.jsonl`) and sampled trajectories (`trajectories.jsonl`), written by
+rank 0; `reduce_metrics` combines the ranks' metrics first."""
 
 from __future__ import annotations
 
@@ -35,3 +36,17 @@ class _Discard:
 def open_writer(path: Path, enabled: bool = True):
     """A `JsonlWriter` for `path`, or a writer that discards everything when not `enabled`."""
     return JsonlWriter(path) if enabled else _Discard()
+
+
+def reduce_metrics(comm, row: dict) -> dict:
+    """One rank's metrics combined over every rank: integer counts summed, other numbers
+    averaged over the ranks that report them (each rank holds an equal share of the groups)."""
+    rows = comm.gather(row)
+    merged = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        values = [r[key] for r in rows if key in r]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            merged[key] = sum(values)
+        else:
+            merged[key] = sum(float(v) for v in values) / len(values)
+    return merged

@@ -27,7 +27,8 @@ from lightrft_mm.processors import make_adapter
 from lightrft_mm.rollout.hf import Rollouts, completion_mask_from
 from lightrft_mm.strategy import STRATEGIES
 from lightrft_mm.trainer.experience import group_rows, select_rows
-from lightrft_mm.trainer.loop import optimise, reduce_metrics
+from lightrft_mm.trainer.loop import optimise
+from lightrft_mm.trainer.metrics import reduce_metrics
 
 PROMPTS, N, WIDTH, STEPS = 4, 4, 6, 3
 

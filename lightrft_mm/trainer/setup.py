@@ -1,0 +1,141 @@
+"""Building a run: everything the GRPO loop needs, set up once before its first step (DESIGN §4).
+
+Every rank calls `build_run`; rank 0 alone creates the run folder and the synthetic data.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightrft_mm.config import Config, to_dict
+from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported, load_samples,
+                                         prompt_token_counter)
+from lightrft_mm.datasets.synthetic import ensure_synthetic
+from lightrft_mm.errors import ConfigError
+from lightrft_mm.models import load_policy
+from lightrft_mm.processors import make_adapter
+from lightrft_mm.rewards import build_reward_set, check_routing
+from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
+from lightrft_mm.trainer.warmup import warmup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What `build_run` sets up. `model` is the prepared (wrapped / sharded) policy and
+    `ref_model` the frozen KL reference (None without a KL term); `train_data` yields this
+    rank's share of every global batch."""
+
+    out: Path
+    model: object
+    processor: object
+    adapter: object
+    engine: HFRolloutEngine
+    ref_model: object
+    sampling: SamplingParams
+    train_data: PromptLoader
+    eval_samples: list
+    reward_fns: object
+    eval_fns: object
+
+
+def build_run(cfg: Config, strategy) -> Run:
+    """Model, adapter, data, rewards, the optional warm-up and reference, the strategy's
+    prepared policy and the rollout engine on it."""
+    out = prepare_output_dir(cfg, strategy)
+    seed_everything(cfg.trainer.seed)
+    model, processor = load_policy(cfg.model, seed=cfg.trainer.seed)
+    adapter = make_adapter(model, processor, system_prompt=cfg.data.system_prompt or None,
+                           image=cfg.image, video=cfg.video, audio=cfg.audio)
+    model.to(strategy.device)
+
+    # Data: each rank takes its share of every global batch, whole prompt groups.
+    if strategy.is_main:
+        ensure_synthetic(cfg.data)
+    strategy.barrier()
+    world = strategy.world_size
+    token_len = prompt_token_counter(adapter) if cfg.data.max_prompt_tokens else None
+    train_data = PromptLoader.from_config(cfg.data, seed=cfg.trainer.seed, token_len=token_len,
+                                          modalities=adapter.modalities, rank=strategy.rank, world_size=world,
+                                          batch_size=cfg.data.batch_size // world)
+    eval_samples, _ = drop_unsupported(load_samples(cfg.data.eval), adapter.modalities, where="data.eval")
+    if cfg.data.eval_max_samples:
+        eval_samples = eval_samples[:cfg.data.eval_max_samples]
+    check_media_kinds(train_data.samples + eval_samples, strategy)
+    reward_fns = build_reward_set(cfg.rewards, cfg.scoring)
+    unrewarded = check_routing(reward_fns, train_data.samples, eval_samples)
+    if unrewarded and strategy.is_main:
+        log.warning("no reward applies to samples of source(s) %s: their completions are left out of the loss "
+                    "(counted in reward/invalid). Fix: the rewards' sources.", ", ".join(unrewarded))
+
+    # Optional format warm-up (answer-free; every rank alike, before sharding), then the frozen
+    # reference for the KL term, then the policy's strategy (fp32 master weights + optimizer).
+    if cfg.warmup.steps:
+        warmup(model, adapter, batches(train_data.samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
+               cfg.warmup, seed=cfg.trainer.seed, device=strategy.device,
+               progress=cfg.logging.progress and strategy.is_main)
+    ref_model = strategy.prepare_frozen(frozen_copy(model)) if cfg.algorithm.kl_coef > 0 else None
+    t = cfg.trainer
+    model, _ = strategy.prepare(model, functools.partial(
+        torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay))
+    engine = HFRolloutEngine(model, adapter, share_prefill=t.encode_prompts_once, comm=strategy)
+    r = cfg.rollout
+    sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, first_temperature=r.fire_temperature)
+    return Run(out, model, processor, adapter, engine, ref_model, sampling, train_data, eval_samples,
+               reward_fns, reward_fns.including(t.accuracy_reward))
+
+
+def prepare_output_dir(cfg: Config, comm) -> Path:
+    """Check (every rank) and create (rank 0) the run folder; config.json records the run."""
+    out = Path(cfg.trainer.output_dir)
+    if (out / "metrics.jsonl").exists() and not cfg.trainer.overwrite:
+        raise ConfigError(f"trainer.output_dir: {out} already holds a run. Fix: choose another "
+                          "output_dir, or set trainer.overwrite=true to replace it.")
+    comm.barrier()  # every rank has looked before rank 0 replaces it
+    if comm.is_main:
+        if (out / "metrics.jsonl").exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    comm.barrier()
+    return out
+
+
+def check_media_kinds(samples, strategy) -> None:
+    """Sharded forwards are collective: when one rank's batch runs the vision tower and another's
+    does not, the first waits for the second forever. Until the towers run on placeholders for
+    batches without media, a sharded run needs data whose samples all hold the same media kinds."""
+    if strategy.world_size == 1 or not strategy.sharded_params:
+        return
+    kinds = {frozenset(p.type for p in s.media()) for s in samples}
+    if len(kinds) > 1:
+        names = sorted("+".join(sorted(k)) or "text only" for k in kinds)
+        raise ConfigError(f"data: the samples mix media kinds ({', '.join(names)}); with a parameter-sharding "
+                          f"strategy on {strategy.world_size} ranks a rank whose batch has no such media would "
+                          "skip the tower the others gather. Fix: train each kind in its own run, or use "
+                          "strategy.name=deepspeed with zero_stage 1 or 2 (parameters not sharded).")
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
