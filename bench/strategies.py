@@ -169,18 +169,21 @@ def cpu_table(args) -> None:
             (machine_end, ours_end), wall = cpu_seconds(), time.time() - start
             other = max(machine_end - machine - (ours_end - ours), 0.0) / (wall * cores)
             rss = [r["peak_rss_mib"] for r in reports]
+            rollout = [max(r["rollouts"][i]["s"] for r in reports) for i in range(args.skip, len(rows))]
             label = f"{name}{f' zero{zero}' if zero else ''}"
-            results.append((label, precision, procs, threads,
-                            statistics.median(r["time/step"] for r in rows[args.skip:]), max(rss), sum(rss), other))
+            step_s = statistics.median(r["time/step"] for r in rows[args.skip:])
+            results.append((label, precision, procs, threads, step_s, statistics.median(rollout), max(rss), sum(rss),
+                            other))
             print(f"{label:>15} {precision} x{procs}: {results[-1][4]:.3f} s/step", flush=True)
     print("\npeak RSS: ru_maxrss of each rank's own process (getrusage RUSAGE_SELF at exit; torchrun's "
-          "launcher not counted); per process = the largest rank. other CPU: the share of the machine's CPU "
+          "launcher not counted); per process = the largest rank. rollout: median seconds of the step in "
+          "HFRolloutEngine.generate (slowest rank). other CPU: the share of the machine's CPU "
           "time other processes used during the run (> a few % = the numbers are disturbed)")
-    print(f"{'strategy':<16} {'precision':<9} {'procs':>5} {'threads':>7} {'s/step':>7} "
+    print(f"{'strategy':<16} {'precision':<9} {'procs':>5} {'threads':>7} {'s/step':>7} {'rollout':>7} "
           f"{'RSS/proc MiB':>12} {'RSS sum MiB':>11} {'other CPU':>9}")
-    for label, precision, procs, threads, step, rss, total, other in results:
-        print(f"{label:<16} {precision:<9} {procs:>5} {threads:>7} {step:7.3f} {rss:12.0f} {total:11.0f} "
-              f"{other:9.0%}")
+    for label, precision, procs, threads, step, rollout, rss, total, other in results:
+        print(f"{label:<16} {precision:<9} {procs:>5} {threads:>7} {step:7.3f} {rollout:7.3f} {rss:12.0f} "
+              f"{total:11.0f} {other:9.0%}")
 
 
 # ------------------------------------------------------------------------------------ GPU run --

@@ -47,6 +47,11 @@ def colors(tmp_path_factory) -> Path:
     return prepare_synthetic("colors", tmp_path_factory.mktemp("colors") / "train", n=16, seed=1)
 
 
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory) -> Path:
+    return prepare_synthetic("higher_tone", tmp_path_factory.mktemp("tones") / "train", n=8, seed=1)
+
+
 def run_parity(tmp_path, colors, overrides: list[str], *, nproc: int) -> dict:
     out = tmp_path / f"parity-{nproc}-{abs(hash(tuple(overrides)))}.json"
     if nproc == 1:
@@ -65,18 +70,36 @@ STRATEGY_CASES = {
     "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
     "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
     "zero3-rloo": ["strategy.name=deepspeed", "strategy.zero_stage=3", "algorithm.name=rloo"],
+    # Every family: LLaVA selects a hidden layer (output capture), LLaVA-NeXT owns image_newline
+    # outside its towers, Qwen2-Audio's encoder reads embed_positions.weight without calling it.
+    "fsdp2-llava": ["strategy.name=fsdp2", "model.name_or_path=tiny:llava"],
+    "zero3-llava": ["strategy.name=deepspeed", "strategy.zero_stage=3", "model.name_or_path=tiny:llava"],
+    "fsdp2-llava_next": ["strategy.name=fsdp2", "model.name_or_path=tiny:llava_next"],
+    "fsdp2-qwen2_audio": ["strategy.name=fsdp2", "model.name_or_path=tiny:qwen2_audio"],
+    "zero3-qwen2_audio": ["strategy.name=deepspeed", "strategy.zero_stage=3", "model.name_or_path=tiny:qwen2_audio"],
+    "zero2-qwen2_vl": ["strategy.name=deepspeed", "strategy.zero_stage=2", "model.name_or_path=tiny:qwen2_vl"],
 }
 
 
 @pytest.mark.parametrize("case", list(STRATEGY_CASES))
-def test_two_ranks_match_one_process(case, tmp_path, colors):
+def test_two_ranks_match_one_process(case, tmp_path, colors, request):
     overrides = STRATEGY_CASES[case]
-    algorithm = [o for o in overrides if o.startswith("algorithm.")]
-    single = run_parity(tmp_path, colors, algorithm, nproc=1)
-    sharded = run_parity(tmp_path, colors, overrides, nproc=2)
+    same = [o for o in overrides if o.startswith(("algorithm.", "model."))]
+    data = request.getfixturevalue("tones") if "qwen2_audio" in case else colors
+    single = run_parity(tmp_path, data, same, nproc=1)
+    sharded = run_parity(tmp_path, data, overrides, nproc=2)
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
     assert sharded["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
-    assert all(sharded["changed"].values())
+    assert sharded["changed"] == single["changed"]  # every parameter a step moves in one process moves here
+
+
+def test_zero3_refuses_a_model_whose_own_parameters_it_cannot_gather(tmp_path, colors):
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "out.json"), str(colors),
+                           "model.name_or_path=tiny:llava_next", "strategy.name=deepspeed", "strategy.zero_stage=3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "cannot shard LlavaNextForConditionalGeneration's own parameters (image_newline)" in proc.stderr
+    assert "strategy.name=fsdp2" in proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import torch
 
 from lightrft_mm.errors import ConfigError
 from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
+from lightrft_mm.strategy.parts import model_parts
 
 CHECKPOINT_DIR, TAG = "deepspeed", "state"
 
@@ -101,11 +102,34 @@ class DeepSpeedStrategy(Collectives):
         # fp32: cast a model loaded in bf16 up, so the optimizer steps fp32 weights. bf16 / fp16:
         # the engine casts the parameters (not the buffers, e.g. RoPE's inv_freq) and keeps fp32
         # masters of them in the ZeRO optimizer.
+        self._check_zero3(model)
+        self._register_direct_weights(model)
         model = model.to(self.device, torch.float32) if self.precision == "fp32" else model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = self._ds.initialize(
             model=model, model_parameters=params, optimizer=make_optimizer, config=self.config)
         return self.engine, self.optimizer
+
+    def _register_direct_weights(self, model) -> None:
+        """ZeRO-3 gathers a module's parameters when its forward runs; an encoder that reads a
+        child embedding's weight without calling it (Qwen2-Audio's `embed_positions.weight`)
+        has that weight registered as an external parameter of the encoder."""
+        if not self.sharded_params:
+            return
+        for tower in model_parts(model).towers:
+            for child in tower.children():
+                if isinstance(child, torch.nn.Embedding):
+                    self._ds.zero.register_external_parameter(tower, child.weight)
+
+    def _check_zero3(self, model) -> None:
+        """ZeRO-3 gathers a parameter only inside the forward of the module that owns it. A base
+        model's own parameters (LLaVA-NeXT's image_newline) are used by its feature methods, which
+        transformers' generate calls directly: ZeRO-3 cannot serve them."""
+        if self.sharded_params and model_parts(model).loose:
+            loose = [n for n, _ in getattr(model, "model", model).named_parameters(recurse=False)]
+            raise ConfigError(f"strategy.zero_stage: 3 cannot shard {type(model).__name__}'s own parameters "
+                              f"({', '.join(loose)}), which its image-feature method uses outside any forward. Fix: "
+                              "strategy.name=fsdp2 (keeps them whole), or strategy.zero_stage=2.")
 
     def prepare_frozen(self, model):
         """ZeRO-3: sharded by an inference-only engine (its forwards are collective like the
@@ -113,6 +137,8 @@ class DeepSpeedStrategy(Collectives):
         model = model.to(self.device, COMPUTE_DTYPES[self.precision]).eval().requires_grad_(False)
         if not self.sharded_params:
             return model
+        self._check_zero3(model)
+        self._register_direct_weights(model)
         config = {k: v for k, v in self.config.items() if k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
         zero = {"stage": 3}
         if self.cfg.offload == "all":

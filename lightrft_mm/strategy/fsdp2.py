@@ -45,6 +45,7 @@ class FSDP2Strategy(Collectives):
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self.precision, self.offload, self.max_grad_norm = cfg.precision, cfg.offload, max_grad_norm
         self.model = self.optimizer = None
+        self.loose: list = []
         self.skipped_steps = 0
         self.scaler = None
         if cfg.precision == "fp16":
@@ -66,7 +67,11 @@ class FSDP2Strategy(Collectives):
             fully_shard(module, **kwargs)
         if parts.embeddings:
             fully_shard(parts.embeddings if len(parts.embeddings) > 1 else parts.embeddings[0], **kwargs)
-        fully_shard(model, **kwargs)
+        # The base model's own parameters are used by its feature methods outside any forward, where
+        # a shard cannot be gathered: they stay whole on every rank, their gradients averaged in step().
+        self.loose = parts.loose
+        fully_shard(model, **kwargs, ignored_params=set(parts.loose) or None)
+        _keep_output_capture(model)
         # FSDP2 picks its root at the first forward, and must meet the root first; transformers'
         # generate and the shared-media path call the towers directly before the root forward,
         # so one short text-only forward through the root settles it.
@@ -90,12 +95,20 @@ class FSDP2Strategy(Collectives):
     def step(self) -> float:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        loose = [p for p in self.loose if p.grad is not None]
+        for p in loose:
+            p.grad = self.all_reduce(p.grad, "mean")
+        sharded = [p for p in self.model.parameters() if isinstance(p.grad, DTensor)]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded], foreach=True) if sharded else torch.zeros(())
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # the norm over every rank's shards
+        if loose:
+            norm = torch.linalg.vector_norm(torch.stack([norm.to(self.device),
+                                                          *[torch.linalg.vector_norm(p.grad) for p in loose]]))
         if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
+            for group in (sharded, loose):
+                if group:
+                    torch.nn.utils.clip_grads_with_norm_(group, self.max_grad_norm, norm, foreach=True)
         if self.scaler is None:
             self.optimizer.step()
         else:
@@ -136,3 +149,17 @@ class FSDP2Strategy(Collectives):
         state = {"optimizer": get_optimizer_state_dict(self._resharded(), self.optimizer)}
         dcp.load(state, checkpoint_id=str(Path(path) / "optimizer"))
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+
+
+def _keep_output_capture(model) -> None:
+    """`fully_shard` gives every unit a new (FSDP) class, and transformers looks up the outputs a
+    model can record (the hidden states LLaVA selects its image features from) by class: register
+    them for the new classes too."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without per-class output capture needs nothing
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and getattr(module, "_can_record_outputs", None):
+            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs

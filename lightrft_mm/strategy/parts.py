@@ -22,12 +22,15 @@ class ModelParts:
         towers: the vision / audio encoders (holding their blocks and projector, if inside).
         embeddings: the input embedding, with the output head when their weights are tied
             (one unit: they share a parameter).
+        loose: parameters the multimodal base model owns itself (LLaVA-NeXT's image_newline),
+            which its feature methods use outside any forward.
     """
 
     blocks: list[nn.Module] = field(default_factory=list)
     projectors: list[nn.Module] = field(default_factory=list)
     towers: list[nn.Module] = field(default_factory=list)
     embeddings: list[nn.Module] = field(default_factory=list)
+    loose: list[nn.Parameter] = field(default_factory=list)
 
 
 def model_parts(model: nn.Module) -> ModelParts:
@@ -44,6 +47,8 @@ def model_parts(model: nn.Module) -> ModelParts:
             inner = getattr(tower, "merger", None)
             if isinstance(inner, nn.Module):
                 parts.projectors.append(inner)
+    if base is not model:
+        parts.loose = list(base.parameters(recurse=False))
     projector = getattr(base, "multi_modal_projector", None)
     if isinstance(projector, nn.Module):
         parts.projectors.append(projector)
