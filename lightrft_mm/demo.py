@@ -8,6 +8,7 @@ and `after` the accuracy after GRPO.
 from __future__ import annotations
 
 import time
+
 from lightrft_mm.config import load_config
 
 def run_demo(config_path: str, overrides: list[str] | None = None, *, task: str | None = None) -> dict:

@@ -4,6 +4,7 @@ reported at once with its key path and a fix, and `help_text` documents every fi
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -321,3 +322,23 @@ def test_docs_config_reference_is_current():
     generated = subprocess.run([sys.executable, "-m", "lightrft_mm.config"], capture_output=True, text=True,
                                check=True).stdout
     assert Path("docs/config.md").read_text() == generated, "run: python -m lightrft_mm.config > docs/config.md"
+
+
+def test_data_synthetic_names_a_known_task_and_a_folder():
+    with pytest.raises(ConfigError, match="data.synthetic: unknown task 'colours'.*Did you mean 'colors'"):
+        load_config("recipes/demo/colors.yaml", ["data.synthetic=colours"])
+    with pytest.raises(ConfigError, match="data.synthetic: names no folder"):
+        load_config("recipes/demo/colors.yaml", ["data.train=[]"])
+
+
+def test_train_generates_the_synthetic_data_it_names(tmp_path):
+    from lightrft_mm.datasets.synthetic import ensure_synthetic
+
+    cfg = load_config("recipes/demo/colors.yaml", [f"data.train=[{tmp_path / 'train'}]",
+                                                   f"data.eval=[{tmp_path / 'heldout'}]"])
+    ensure_synthetic(cfg.data)
+    manifests = [json.loads((tmp_path / split / "manifest.json").read_text()) for split in ("train", "heldout")]
+    assert [(m["source"], m["count"]) for m in manifests] == [("synthetic:colors", 1024), ("synthetic:colors", 256)]
+    before = (tmp_path / "train" / "manifest.json").stat().st_mtime_ns
+    ensure_synthetic(cfg.data)  # present: left alone
+    assert (tmp_path / "train" / "manifest.json").stat().st_mtime_ns == before
