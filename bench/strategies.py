@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/strategies.py                    # the CPU table (~2.5 min on 2 cores)
     .venv/bin/python bench/strategies.py --only deepspeed --steps 8 --set rollout.max_new_tokens=16
-    .venv/bin/python bench/strategies.py --gpu              # one CUDA GPU, < 5 min on an H200
+    .venv/bin/python bench/strategies.py --gpu              # one CUDA GPU; meant to end within 5 min
     .venv/bin/python bench/strategies.py --gpu --dry-run    # the GPU path's plumbing, on a CPU
 
 CPU table: the colours demo recipe (tiny Qwen2.5-VL, 16 prompts x 8 completions, <= 8 new
@@ -62,8 +62,8 @@ SHRUNK_TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, 
                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
 SHRUNK_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=256,
                      fullatt_block_indexes=[1])
-# Activations of 16 rows x ~300 tokens x 36 layers without checkpointing stay ~25 GB next to the
-# 60 GB of fp32 weights, gradients and Adam state; a whole 64-row batch in one pass would not fit.
+# Estimates: activations of 16 rows x ~300 tokens x 36 layers without checkpointing are ~25 GB, next
+# to 60 GB of fp32 weights, gradients and Adam state; all 64 rows in one pass would not fit in 139 GiB.
 GPU_SETTINGS = dict(batch=8, n=8, new_tokens=128, steps=6, micro_batch_groups=2, image_size=336)
 DRY_SETTINGS = dict(batch=2, n=2, new_tokens=8, steps=1, micro_batch_groups=0, image_size=84)
 
