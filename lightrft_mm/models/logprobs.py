@@ -7,13 +7,18 @@ generating. A test holds max |logp_gen - logp_train| <= 1e-4 in fp32.
 
 With `share_media` (the default) the vision features of each prompt are computed once for
 its group of completions (`lightrft_mm.models.shared`).
+
+Memory: the model returns its final hidden states, not its [N, T, V] logits; `head_logprobs`
+applies the output head `CHUNK_TOKENS` positions at a time, upcasts that chunk to fp32, keeps
+its log-probs (and entropies) and drops it. Under autograd each chunk is checkpointed and
+recomputed in the backward, so at most one chunk of vocabulary logits is alive at any time.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from lightrft_mm.algorithms.tokens import selective_logps, token_entropy
 from lightrft_mm.models.shared import group_encoder_outputs, group_prompt_embeddings
 from lightrft_mm.processors.adapter import PromptBatch
 
@@ -32,7 +37,8 @@ def sequence_inputs(prompts: PromptBatch, completion_ids: torch.Tensor,
 
 def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                      completion_mask: torch.Tensor, *, temperature: float | torch.Tensor = 1.0,
-                     with_entropy: bool = False, share_media: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     with_entropy: bool = False, entropy_grad: bool = True,
+                     share_media: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the completion tokens, and optionally their entropies.
 
     Args:
@@ -44,6 +50,8 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
             float, or a tensor of per-position temperatures, [Tc] or [N, Tc] (FIRE sampling,
             see `SamplingParams.temperatures`).
         with_entropy: also return per-token entropies [N, Tc].
+        entropy_grad: the entropies carry gradients (an entropy bonus); False detaches them
+            (they only select tokens).
         share_media: encode the media of rows that share a prompt once (same result, less work).
 
     Returns:
@@ -61,12 +69,59 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
         completion_embeds = model.get_input_embeddings()(completion_ids)
         inputs = {k: v for k, v in inputs.items() if k not in prompts.media and k != "input_ids"}
         inputs["inputs_embeds"] = torch.cat([prompt_embeds, completion_embeds.to(prompt_embeds.dtype)], dim=1)
-    out = model(**inputs, use_cache=False, logits_to_keep=tc + 1)
-    logits = out.logits[:, -tc - 1:-1, :].float()
-    if isinstance(temperature, torch.Tensor):
-        logits = logits / temperature.to(logits.device, logits.dtype).expand(logits.shape[:2]).unsqueeze(-1)
-    elif temperature != 1.0:
-        logits = logits / temperature
-    logps = selective_logps(logits, completion_ids)
-    entropy = token_entropy(logits) if with_entropy else None
-    return logps, entropy
+    # No position's logits from the model itself (an empty index): the head runs in chunks below.
+    none = torch.zeros(0, dtype=torch.long, device=completion_ids.device)
+    out = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -tc - 1:-1, :]  # the states that predict the completion tokens
+    return head_logprobs(hidden, model.get_output_embeddings(), completion_ids, temperature,
+                         with_entropy=with_entropy, entropy_grad=entropy_grad)
+
+
+CHUNK_TOKENS = 1024  # positions per chunk of vocabulary logits (1024 x 152k fp32 = 0.6 GB)
+
+
+def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float | torch.Tensor = 1.0, *,
+                  with_entropy: bool = False, entropy_grad: bool = False,
+                  chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of `tokens` (and entropies) under `softmax(head(hidden) / temperature)`, in chunks.
+
+    Args:
+        hidden: [N, T, H] final hidden states, position t predicting tokens[:, t].
+        head: the output embedding (lm_head) module.
+        tokens: [N, T] token ids.
+        temperature: a float, or per-position temperatures [T] or [N, T].
+        with_entropy: also return entropies.
+        entropy_grad: the entropies carry gradients (an entropy bonus); without it they are
+            detached (token selection only).
+        chunk_tokens: positions whose logits exist at once (default `CHUNK_TOKENS`).
+
+    Returns:
+        (logps [N, T], entropy [N, T] or None), float32.
+    """
+    n, t, width = hidden.shape
+    chunk_tokens = chunk_tokens or CHUNK_TOKENS
+    temps = torch.as_tensor(temperature, dtype=torch.float32, device=hidden.device).expand(n, t).reshape(-1)
+    flat, ids = hidden.reshape(n * t, width), tokens.reshape(-1)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    logps, entropies = [], []
+    for start in range(0, n * t, chunk_tokens):
+        part = (flat[start:start + chunk_tokens], ids[start:start + chunk_tokens], temps[start:start + chunk_tokens])
+        lp, ent = (checkpoint(_chunk_stats, head, *part, with_entropy, use_reentrant=False) if grad
+                   else _chunk_stats(head, *part, with_entropy))
+        logps.append(lp)
+        entropies.append(ent if entropy_grad or ent is None else ent.detach())
+    logps = torch.cat(logps).view(n, t) if logps else hidden.new_zeros((n, t), dtype=torch.float32)
+    if not with_entropy:
+        return logps, None
+    return logps, torch.cat(entropies).view(n, t) if entropies else torch.zeros_like(logps)
+
+
+def _chunk_stats(head, hidden: torch.Tensor, ids: torch.Tensor, temps: torch.Tensor, with_entropy: bool):
+    """One chunk: [K, H] states -> [K] log-probs of `ids` and [K] entropies (or None), via fp32 logits."""
+    logits = head(hidden).float() / temps.unsqueeze(-1)
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - logsumexp
+    if not with_entropy:
+        return logps, None
+    probs = torch.softmax(logits, dim=-1)
+    return logps, logsumexp - (probs * logits).sum(dim=-1)

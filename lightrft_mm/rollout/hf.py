@@ -141,12 +141,11 @@ class HFRolloutEngine:
         ids = out.sequences[:, batch.input_ids.shape[1]:]
         mask = completion_mask_from(ids, self.adapter.eos_token_id)
         # Raw logits (before processors) at each position's sampling temperature: the
-        # distribution the training forward recomputes.
-        logits = torch.stack(out.logits, dim=1).float()
-        temperature = sampling.temperatures(ids.shape[1])
-        if isinstance(temperature, torch.Tensor):
-            temperature = temperature.to(logits.device).view(1, -1, 1)
-        logps = selective_logps(logits / temperature, ids) * mask
+        # distribution the training forward recomputes. One decoding step at a time in fp32:
+        # never a [N, T, V] fp32 copy.
+        temps = torch.as_tensor(sampling.temperatures(ids.shape[1]), dtype=torch.float32).expand(ids.shape[1])
+        logps = torch.stack([selective_logps(step.unsqueeze(1), ids[:, t:t + 1], float(temps[t]))[:, 0]
+                             for t, step in enumerate(out.logits)], dim=1) * mask
         ids = ids.masked_fill(mask == 0, self.adapter.pad_token_id)
         return Rollouts(batch, ids, mask, logps, self.adapter.decode(ids), n)
 

@@ -222,7 +222,7 @@ def optimise(model, strategy, rollouts, old_logps, advantages, mask, *, alg, tem
                 logps, entropy = forward_logprobs(
                     model, part.prompts, part.completion_ids, part.completion_mask,
                     temperature=temps[:width] if isinstance(temps, torch.Tensor) else temps,
-                    with_entropy=alg.entropy_coef > 0 or alg.high_entropy_ratio < 1)
+                    with_entropy=alg.entropy_coef > 0 or alg.high_entropy_ratio < 1, entropy_grad=alg.entropy_coef > 0)
                 select = (None if alg.high_entropy_ratio == 1
                           else high_entropy_mask(entropy, cut(mask), alg.high_entropy_ratio))
                 loss, stats = policy_loss(
