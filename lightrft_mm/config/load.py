@@ -233,6 +233,13 @@ def _cross_checks(cfg: Config) -> list[str]:
         if cfg.model.tiny_tokenizer != "bpe":
             problems.append("model.tiny_tokenizer: only applies to tiny: models; a model folder "
                             "brings its own tokenizer. Fix: remove it.")
+    from lightrft_mm.models.trainable import PARTS
+
+    unknown = [x for x in cfg.model.freeze if x not in PARTS]
+    if unknown:
+        problems.append(f"model.freeze: {unknown!r} are not parts. Fix: any of {', '.join(PARTS)}.")
+    elif set(cfg.model.freeze) == set(PARTS):
+        problems.append("model.freeze: every part is frozen, nothing would train. Fix: leave at least one out.")
     if cfg.warmup.steps and "{answer}" not in cfg.warmup.template:
         problems.append(f"warmup.template: {cfg.warmup.template!r} lacks {{answer}}. Fix: e.g. '\\\\boxed{{{{answer}}}}'.")
     return problems

@@ -33,6 +33,12 @@ class ModelConfig:
     dtype: str = opt("float32", "dtype the weights are loaded in and checkpoints saved in. Training always keeps "
                      "fp32 master weights; strategy.precision sets the compute dtype (docs/distributed.md).",
                      choices=("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = opt(False, "Recompute the activations of every decoder layer and vision / audio "
+                                       "block in the backward instead of keeping them (less memory, about a third "
+                                       "more compute in training; generation is unaffected).")
+    freeze: list = opt([], "Parts whose weights stay fixed and get no optimizer state, any of: vision (the vision "
+                       "/ audio tower without its projector), projector (the media-to-text projector), llm (the "
+                       "language model with its embeddings and head). Counts are logged as params/<part>/*.")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 
 from lightrft_mm.errors import ConfigError
 from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
-from lightrft_mm.strategy.parts import model_parts
+from lightrft_mm.models.parts import model_parts
 
 CHECKPOINT_DIR, TAG = "deepspeed", "state"
 
@@ -171,6 +171,10 @@ class DeepSpeedStrategy(Collectives):
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
+        if self.sharded_params:
+            # Parameters prefetched by the last forwards may still be in flight: settle them
+            # before gathering (a frozen one is gathered and re-partitioned below).
+            self.engine.empty_partition_cache()
         values: dict[int, torch.Tensor] = {}
         state = {}
         for name, tensor in module.state_dict(keep_vars=True).items():

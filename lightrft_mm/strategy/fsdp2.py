@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
-from lightrft_mm.strategy.parts import model_parts
+from lightrft_mm.models.parts import model_parts
 
 
 class FSDP2Strategy(Collectives):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lightrft_mm.strategy.dist import Collectives, autocast, resolve_device
-from lightrft_mm.strategy.parts import model_parts
+from lightrft_mm.models.parts import model_parts
 
 
 def autocast_forwards(model, device: torch.device, precision: str):

@@ -75,7 +75,7 @@ def _train(cfg: Config, strategy) -> dict:
     metrics = open_writer(out / "metrics.jsonl", strategy.is_main)
     trajectories = open_writer(out / "trajectories.jsonl", strategy.is_main and cfg.logging.completions > 0)
     before = run_eval()
-    metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+    metrics.write({"step": 0, **run.parameters, **{f"eval/{k}": v for k, v in before.items()}})
     alg = cfg.algorithm
     pad_id = adapter.pad_token_id
     reward_stats = RunningMoments()  # reward_norm=running (global over the ranks)

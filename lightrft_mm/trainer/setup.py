@@ -23,6 +23,7 @@ from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported
 from lightrft_mm.datasets.synthetic import ensure_synthetic
 from lightrft_mm.errors import ConfigError
 from lightrft_mm.models import load_policy
+from lightrft_mm.models.trainable import apply_trainable
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.rewards import build_reward_set, check_routing
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
@@ -48,6 +49,7 @@ class Run:
     eval_samples: list
     reward_fns: object
     eval_fns: object
+    parameters: dict  # params/<part>/trainable and /frozen counts
 
 
 def build_run(cfg: Config, strategy) -> Run:
@@ -56,6 +58,7 @@ def build_run(cfg: Config, strategy) -> Run:
     out = prepare_output_dir(cfg, strategy)
     seed_everything(cfg.trainer.seed)
     model, processor = load_policy(cfg.model, seed=cfg.trainer.seed)
+    counts = apply_trainable(model, cfg.model)  # frozen parts, activation checkpointing
     adapter = make_adapter(model, processor, system_prompt=cfg.data.system_prompt or None,
                            image=cfg.image, video=cfg.video, audio=cfg.audio)
     model.to(strategy.device)
@@ -94,7 +97,7 @@ def build_run(cfg: Config, strategy) -> Run:
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, first_temperature=r.fire_temperature)
     return Run(out, model, processor, adapter, engine, ref_model, sampling, train_data, eval_samples,
-               reward_fns, reward_fns.including(t.accuracy_reward))
+               reward_fns, reward_fns.including(t.accuracy_reward), counts)
 
 
 def prepare_output_dir(cfg: Config, comm) -> Path:
