@@ -67,6 +67,7 @@ STRATEGY_CASES = {
     "fsdp2": ["strategy.name=fsdp2"],
     "fsdp2-reinforce_pp": ["strategy.name=fsdp2", "algorithm.name=reinforce_pp"],  # global whitening
     "fsdp2-dr_grpo": ["strategy.name=fsdp2", "algorithm.name=dr_grpo", "algorithm.mini_batches=2"],
+    "fsdp2-high_entropy": ["strategy.name=fsdp2", "algorithm.high_entropy_ratio=0.3"],  # global threshold
     "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
     "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
     "zero3-rloo": ["strategy.name=deepspeed", "strategy.zero_stage=3", "algorithm.name=rloo"],

@@ -187,3 +187,17 @@ def test_sharded_runs_refuse_data_that_mixes_media_kinds(image_samples):
         check_media_kinds([*image_samples, text], Comm([]))
     check_media_kinds(image_samples, Comm([]))  # one kind: fine
     check_media_kinds([*image_samples, text], Comm([], sharded=False))  # ZeRO-1/2: parameters whole
+
+
+def test_high_entropy_threshold_is_over_every_ranks_tokens():
+    from lightrft_mm.algorithms.stabilisers import high_entropy_mask, high_entropy_threshold
+
+    torch.manual_seed(2)
+    entropy, mask = torch.rand(6, 5), torch.rand(6, 5) > 0.2
+    whole = high_entropy_mask(entropy, mask, 0.25)
+    halves = [(entropy[:3], mask[:3]), (entropy[3:], mask[3:])]
+    others = [e[m] for e, m in halves]
+    for rank, (e, m) in enumerate(halves):
+        threshold = high_entropy_threshold(e, m, 0.25, gather=lambda t, r=rank: [others[0], others[1]])
+        torch.testing.assert_close((e >= threshold) & m, whole[:3] if rank == 0 else whole[3:])
+    assert high_entropy_threshold(entropy, torch.zeros_like(mask), 0.5) == float("-inf")

@@ -167,6 +167,7 @@ def policy_loss(
     kl_clamp: float = 0.0,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    pg_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The scalar training loss: a policy loss, aggregated, plus KL, drift and entropy terms.
 
@@ -197,6 +198,10 @@ def policy_loss(
         kl_estimator, kl_clamp: see ``kl.kl_estimate``.
         entropy: [N, T] per-token entropies; needed when ``entropy_coef != 0``.
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        pg_scale: multiplies the policy term in the returned total (gradient accumulation with
+            ``token_select``: the policy term averages over the selected tokens, the others over
+            every token, so a micro-batch weighs differently in each). The `loss` and `pg_loss`
+            metrics are scaled alike, so their weighted sum over the micro-batches is the mini-batch's.
 
     Returns:
         The scalar loss and float metrics: ``loss``, ``pg_loss``, ``kl``, ``kl_loss``,
@@ -238,7 +243,7 @@ def policy_loss(
     pg_mask = mask if token_select is None else mask & token_select.bool()
     pg_loss = aggregate(pg, pg_mask, aggregation, max_tokens=max_tokens)
     zero = torch.zeros_like(pg_loss)
-    total = pg_loss
+    total = pg_loss * pg_scale if pg_scale != 1.0 else pg_loss
 
     drift_value = zero if drift is None else aggregate(drift, mask, aggregation, max_tokens=max_tokens)
     if drift_coef != 0:
@@ -252,7 +257,7 @@ def policy_loss(
     total = total + kl_loss + entropy_loss
 
     with torch.no_grad():
-        parts = {"loss": total, "pg_loss": pg_loss, "kl": kl, "kl_loss": kl_loss,
+        parts = {"loss": total, "pg_loss": pg_loss * pg_scale, "kl": kl, "kl_loss": kl_loss,
                  "clip_fraction": masked_mean(clipped.to(logps.dtype), mask),
                  "ratio_mean": masked_mean(torch.exp(_log_ratio(logps, old_logps, mask)), mask)}
         if entropy is not None:

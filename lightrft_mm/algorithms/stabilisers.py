@@ -7,6 +7,7 @@ Pure torch functions (and one small running-statistics object) without I/O or mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -124,6 +125,35 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, ratio: float) -> Tensor:
     selected = torch.zeros(m.numel(), dtype=torch.bool, device=m.device)
     selected[top] = True
     return selected.view_as(m) & m
+
+
+def high_entropy_threshold(entropy: Tensor, mask: Tensor, ratio: float, *,
+                           gather: Callable[[Tensor], list[Tensor]] | None = None) -> float:
+    """The entropy above which a token is among the top-``ratio`` of a whole mini-batch.
+
+    ``high_entropy_mask`` decides within one tensor; when the mini-batch is split into
+    micro-batches (or over ranks) the threshold must still be the whole mini-batch's, so it is
+    computed once here and each part selects ``entropy >= threshold``.
+
+    Args:
+        entropy: [N, T] this rank's mini-batch entropies.
+        mask: [N, T] counted tokens.
+        ratio: fraction in (0, 1].
+        gather: data parallel: returns every rank's tensor (the strategy's ``gather``).
+
+    Returns:
+        The k-th largest counted entropy, k = ceil(ratio * counted) over every rank (-inf when
+        nothing is counted or ratio is 1).
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"high_entropy_threshold: ratio must be in (0, 1], got {ratio}")
+    values = entropy.detach().float()[mask.bool()].cpu()
+    if gather is not None:
+        values = torch.cat(gather(values))
+    if ratio == 1.0 or values.numel() == 0:
+        return -math.inf
+    k = max(1, math.ceil(ratio * values.numel()))
+    return float(torch.topk(values, k).values[-1])
 
 
 def informative_groups(rewards: Tensor, valid: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from lightrft_mm.algorithms.advantages import compute_advantages
 from lightrft_mm.algorithms.kl import adaptive_kl_coef, kl_reward_penalty
 from lightrft_mm.algorithms.losses import policy_loss
-from lightrft_mm.algorithms.stabilisers import (RunningMoments, clip_advantages, finished, high_entropy_mask,
+from lightrft_mm.algorithms.stabilisers import (RunningMoments, clip_advantages, finished, high_entropy_threshold,
                                                 normalize_rewards)
 from lightrft_mm.algorithms.tokens import loss_units, masked_mean, micro_batch_weight
 from lightrft_mm.config import Config
@@ -214,17 +214,33 @@ def optimise(model, strategy, rollouts, old_logps, advantages, mask, *, alg, tem
     for _ in range(alg.epochs):
         for rows in mini_batch_rows(n_rows // rollouts.n, rollouts.n, alg.mini_batches):
             units = strategy.all_reduce(loss_units(mask[rows], alg.aggregation))
+            micros = micro_batch_rows(rows, rollouts.n, lengths, micro_batch_groups)
+            # High-entropy selection: the threshold is the whole (global) mini-batch's; when it is
+            # split into passes or ranks, one no-grad pass over it finds the threshold first.
+            selecting = alg.high_entropy_ratio < 1
+            threshold = selected_units = None
+            if selecting and (len(micros) > 1 or strategy.world_size > 1):
+                threshold, selected_units = _selection_threshold(
+                    model, strategy, rollouts, micros, mask, alg, temps, forward_logprobs, pad_id)
             parts = []
-            for micro in micro_batch_rows(rows, rollouts.n, lengths, micro_batch_groups):
+            for micro in micros:
                 part = rollouts if len(micro) == n_rows else select_rows(rollouts, micro, pad_id)
                 idx, width = torch.tensor(micro, device=mask.device), part.completion_ids.shape[1]
                 cut = lambda t: None if t is None else t[idx, :width]  # noqa: E731
                 logps, entropy = forward_logprobs(
                     model, part.prompts, part.completion_ids, part.completion_mask,
                     temperature=temps[:width] if isinstance(temps, torch.Tensor) else temps,
-                    with_entropy=alg.entropy_coef > 0 or alg.high_entropy_ratio < 1, entropy_grad=alg.entropy_coef > 0)
-                select = (None if alg.high_entropy_ratio == 1
-                          else high_entropy_mask(entropy, cut(mask), alg.high_entropy_ratio))
+                    with_entropy=alg.entropy_coef > 0 or selecting, entropy_grad=alg.entropy_coef > 0)
+                weight = micro_batch_weight(cut(mask), units, alg.aggregation, world_size=strategy.world_size)
+                select, pg_scale = None, 1.0
+                if selecting:
+                    if threshold is None:  # one pass on one rank: this forward's entropies decide
+                        threshold = high_entropy_threshold(entropy, cut(mask), alg.high_entropy_ratio)
+                    select = (entropy.detach() >= threshold) & cut(mask).bool()
+                    selected_units = selected_units or loss_units(select, alg.aggregation)
+                    pg_weight = micro_batch_weight(select, selected_units, alg.aggregation,
+                                                   world_size=strategy.world_size)
+                    pg_scale = pg_weight / weight if weight else 0.0  # the policy term averages the selection
                 loss, stats = policy_loss(
                     logps, cut(old_logps), cut(advantages), cut(mask), loss=alg.loss,
                     aggregation=alg.aggregation, clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high,
@@ -232,13 +248,32 @@ def optimise(model, strategy, rollouts, old_logps, advantages, mask, *, alg, tem
                     behaviour_logps=cut(rollouts.logps), tis_cap=alg.tis_cap, token_select=select,
                     ref_logps=cut(ref_logps), kl_coef=kl_coef if alg.kl_in == "loss" else 0.0,
                     kl_estimator=alg.kl_estimator, kl_clamp=alg.kl_clamp, entropy=entropy,
-                    entropy_coef=alg.entropy_coef)
-                weight = micro_batch_weight(cut(mask), units, alg.aggregation, world_size=strategy.world_size)
+                    entropy_coef=alg.entropy_coef, pg_scale=pg_scale)
                 strategy.backward(loss * weight)
                 parts.append((stats, weight))
             updates.append({**{k: sum(st[k] * w for st, w in parts) for k in parts[0][0]},
                             "grad_norm": strategy.step()})
     return {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+
+
+def _selection_threshold(model, strategy, rollouts, micros, mask, alg, temps, forward_logprobs, pad_id):
+    """The high-entropy threshold of the whole mini-batch (every pass, every rank) and the loss
+    units it selects (summed over the ranks), from one no-grad pass over the mini-batch."""
+    entropies, masks = [], []
+    with torch.no_grad():
+        for micro in micros:
+            part = select_rows(rollouts, micro, pad_id)
+            width = part.completion_ids.shape[1]
+            _, entropy = forward_logprobs(model, part.prompts, part.completion_ids, part.completion_mask,
+                                          temperature=temps[:width] if isinstance(temps, torch.Tensor) else temps,
+                                          with_entropy=True, entropy_grad=False)
+            entropies.append(entropy)
+            masks.append(mask[torch.tensor(micro, device=mask.device), :width])
+    flat = torch.cat([e[m.bool()] for e, m in zip(entropies, masks)])
+    threshold = high_entropy_threshold(flat, torch.ones_like(flat, dtype=torch.bool), alg.high_entropy_ratio,
+                                       gather=strategy.gather if strategy.world_size > 1 else None)
+    units = sum(loss_units((e >= threshold) & m.bool(), alg.aggregation) for e, m in zip(entropies, masks))
+    return threshold, strategy.all_reduce(units)
 
 
 def _encode(adapter, samples, policy: str):
