@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lightrft_mm.algorithms.tokens import selective_logps, token_entropy
 from lightrft_mm.models.shared import group_encoder_outputs, group_prompt_embeddings
 from lightrft_mm.processors.adapter import PromptBatch
 
@@ -118,10 +119,6 @@ def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature:
 
 def _chunk_stats(head, hidden: torch.Tensor, ids: torch.Tensor, temps: torch.Tensor, with_entropy: bool):
     """One chunk: [K, H] states -> [K] log-probs of `ids` and [K] entropies (or None), via fp32 logits."""
-    logits = head(hidden).float() / temps.unsqueeze(-1)
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - logsumexp
-    if not with_entropy:
-        return logps, None
-    probs = torch.softmax(logits, dim=-1)
-    return logps, logsumexp - (probs * logits).sum(dim=-1)
+    logits = (head(hidden).float() / temps.unsqueeze(-1)).unsqueeze(0)  # [1, K, V]
+    logps = selective_logps(logits, ids.unsqueeze(0))[0]
+    return logps, token_entropy(logits)[0] if with_entropy else None

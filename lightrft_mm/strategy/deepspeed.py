@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from lightrft_mm.errors import ConfigError
-from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
 from lightrft_mm.models.parts import model_parts
+from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
 
 CHECKPOINT_DIR, TAG = "deepspeed", "state"
 

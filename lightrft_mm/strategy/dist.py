@@ -128,6 +128,21 @@ class Local(Collectives):
 LOCAL = Local()
 
 
+def optimizer_step(optimizer, scaler=None) -> bool:
+    """Step `optimizer` (through the fp16 loss `scaler` when there is one) and zero its gradients;
+    True when the scaler skipped the step for inf / NaN gradients (its scale then drops)."""
+    if scaler is None:
+        optimizer.step()
+        skipped = False
+    else:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast to the compute dtype of `precision` (a no-op for fp32)."""
     if precision == "fp32":

@@ -23,8 +23,9 @@ from torch.distributed.tensor import DTensor
 # FSDP2 warns about at every forward is safe.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
-from lightrft_mm.strategy.dist import COMPUTE_DTYPES, Collectives, init_process_group, resolve_device
 from lightrft_mm.models.parts import model_parts
+from lightrft_mm.strategy.dist import (COMPUTE_DTYPES, Collectives, init_process_group, optimizer_step,
+                                      resolve_device)
 
 
 class FSDP2Strategy(Collectives):
@@ -109,14 +110,7 @@ class FSDP2Strategy(Collectives):
             for group in (sharded, loose):
                 if group:
                     torch.nn.utils.clip_grads_with_norm_(group, self.max_grad_norm, norm, foreach=True)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.skipped_steps += int(self.scaler.get_scale() < scale)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += optimizer_step(self.optimizer, self.scaler)
         return float(norm)
 
     def _resharded(self, model=None):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lightrft_mm.strategy.dist import Collectives, autocast, resolve_device
 from lightrft_mm.models.parts import model_parts
+from lightrft_mm.strategy.dist import Collectives, autocast, optimizer_step, resolve_device
 
 
 def autocast_forwards(model, device: torch.device, precision: str):
@@ -72,17 +72,10 @@ class SingleStrategy(Collectives):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
-        if self.scaler is None:
-            norm = clip_and_norm(self.model.parameters(), self.max_grad_norm)
-            self.optimizer.step()
-        else:
+        if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-            norm = clip_and_norm(self.model.parameters(), self.max_grad_norm)
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skipped when the gradients hold inf / NaN
-            self.scaler.update()
-            self.skipped_steps += int(self.scaler.get_scale() < scale)
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = clip_and_norm(self.model.parameters(), self.max_grad_norm)
+        self.skipped_steps += optimizer_step(self.optimizer, self.scaler)
         return norm
 
     def full_state_dict(self) -> dict:

@@ -16,6 +16,7 @@ from lightrft_mm.algorithms.stabilisers import informative_groups
 from lightrft_mm.processors.adapter import collate
 from lightrft_mm.rollout.hf import Rollouts
 from lightrft_mm.strategy.dist import LOCAL
+from lightrft_mm.trainer.metrics import merge_metrics
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +180,3 @@ def equal_groups(rollouts, inputs, scored, comm, pad_id: int):
     rows = list(range(keep * rollouts.n))
     cut = type(scored)(scored.rewards[:keep], scored.valid[:keep], scored.metrics)
     return select_rows(rollouts, rows, pad_id), inputs[:len(rows)], cut
-
-
-def merge_metrics(metrics: list[tuple[dict, int]]) -> dict:
-    """Metrics of several scored batches: integer counts summed, other numbers averaged, each
-    batch weighted by its completions (over the batches that report the key)."""
-    merged = {}
-    for key in dict.fromkeys(k for m, _ in metrics for k in m):
-        values = [(m[key], w) for m, w in metrics if key in m]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v, _ in values):
-            merged[key] = sum(v for v, _ in values)
-        else:
-            merged[key] = sum(float(v) * w for v, w in values) / max(sum(w for _, w in values), 1)
-    return merged

@@ -229,7 +229,7 @@ def optimise(model, strategy, rollouts, old_logps, advantages, mask, *, alg, tem
                 cut = lambda t: None if t is None else t[idx, :width]  # noqa: E731
                 logps, entropy = forward_logprobs(
                     model, part.prompts, part.completion_ids, part.completion_mask,
-                    temperature=temps[:width] if isinstance(temps, torch.Tensor) else temps,
+                    temperature=_first(temps, width),
                     with_entropy=alg.entropy_coef > 0 or selecting, entropy_grad=alg.entropy_coef > 0)
                 weight = micro_batch_weight(cut(mask), units, alg.aggregation, world_size=strategy.world_size)
                 select, pg_scale = None, 1.0
@@ -265,7 +265,7 @@ def _selection_threshold(model, strategy, rollouts, micros, mask, alg, temps, fo
             part = select_rows(rollouts, micro, pad_id)
             width = part.completion_ids.shape[1]
             _, entropy = forward_logprobs(model, part.prompts, part.completion_ids, part.completion_mask,
-                                          temperature=temps[:width] if isinstance(temps, torch.Tensor) else temps,
+                                          temperature=_first(temps, width),
                                           with_entropy=True, entropy_grad=False)
             entropies.append(entropy)
             masks.append(mask[torch.tensor(micro, device=mask.device), :width])
@@ -274,6 +274,11 @@ def _selection_threshold(model, strategy, rollouts, micros, mask, alg, temps, fo
                                        gather=strategy.gather if strategy.world_size > 1 else None)
     units = sum(loss_units((e >= threshold) & m.bool(), alg.aggregation) for e, m in zip(entropies, masks))
     return threshold, strategy.all_reduce(units)
+
+
+def _first(temps, width: int):
+    """The temperatures of a micro-batch's `width` completion positions (per position with FIRE)."""
+    return temps[:width] if isinstance(temps, torch.Tensor) else temps
 
 
 def _encode(adapter, samples, policy: str):

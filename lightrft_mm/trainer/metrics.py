@@ -38,15 +38,20 @@ def open_writer(path: Path, enabled: bool = True):
     return JsonlWriter(path) if enabled else _Discard()
 
 
-def reduce_metrics(comm, row: dict) -> dict:
-    """One rank's metrics combined over every rank: integer counts summed, other numbers
-    averaged over the ranks that report them (each rank holds an equal share of the groups)."""
-    rows = comm.gather(row)
+def merge_metrics(metrics: list[tuple[dict, int]]) -> dict:
+    """Metrics of several parts (scored batches weighted by their completions, or ranks): integer
+    counts summed, other numbers averaged by weight over the parts that report the key."""
     merged = {}
-    for key in dict.fromkeys(k for r in rows for k in r):
-        values = [r[key] for r in rows if key in r]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            merged[key] = sum(values)
+    for key in dict.fromkeys(k for m, _ in metrics for k in m):
+        values = [(m[key], w) for m, w in metrics if key in m]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v, _ in values):
+            merged[key] = sum(v for v, _ in values)
         else:
-            merged[key] = sum(float(v) for v in values) / len(values)
+            merged[key] = sum(float(v) * w for v, w in values) / max(sum(w for _, w in values), 1)
     return merged
+
+
+def reduce_metrics(comm, row: dict) -> dict:
+    """One rank's metrics combined over every rank (`merge_metrics`, each rank weighing the same:
+    each holds an equal share of the groups)."""
+    return merge_metrics([(r, 1) for r in comm.gather(row)])
