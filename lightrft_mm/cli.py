@@ -84,14 +84,16 @@ def _run(args: argparse.Namespace) -> int:
 
         s = train(load_config(args.config, args.overrides))
         if os.environ.get("RANK", "0") == "0":
+            print(f"trained: {s['trained']}")
             print(f"train: accuracy before={s['before']} after={s['after']} heldout={s['heldout']} "
                   f"time={s['seconds']}s checkpoint={s['checkpoint']}")
     elif args.command == "demo":
         from lightrft_mm.demo import run_demo
 
-        line = run_demo(args.config, args.overrides, task=args.task)["line"]
+        s = run_demo(args.config, args.overrides, task=args.task)
         if os.environ.get("RANK", "0") == "0":
-            print(line)
+            print(f"trained: {s['trained']}")
+            print(s["line"])
     elif args.command == "prepare":
         from lightrft_mm.prepare import run
 

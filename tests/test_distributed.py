@@ -79,6 +79,9 @@ STRATEGY_CASES = {
     "fsdp2-qwen2_audio": ["strategy.name=fsdp2", "model.name_or_path=tiny:qwen2_audio"],
     "zero3-qwen2_audio": ["strategy.name=deepspeed", "strategy.zero_stage=3", "model.name_or_path=tiny:qwen2_audio"],
     "zero2-qwen2_vl": ["strategy.name=deepspeed", "strategy.zero_stage=2", "model.name_or_path=tiny:qwen2_vl"],
+    # LoRA: adapters and their frozen base layers inside the same sharded units.
+    "fsdp2-lora": ["strategy.name=fsdp2", "model.lora.r=4", "model.lora.parts=[llm, vision]"],
+    "zero2-lora": ["strategy.name=deepspeed", "strategy.zero_stage=2", "model.lora.r=4"],
 }
 
 

@@ -31,6 +31,8 @@ def problems_of(*overrides) -> str:
     (["strategy.name=deepspeed", "strategy.offload=all"], "strategy.zero_stage=3, or strategy.offload=optimizer"),
     (["strategy.precision=fp16", "strategy.device=cpu"], "fp16 needs a GPU"),
     (["strategy.zero_stage=4"], "is not one of 1, 2, 3"),
+    (["strategy.name=deepspeed", "strategy.zero_stage=3", "model.lora.r=8"], "frozen output head"),
+    (["strategy.name=deepspeed", "strategy.zero_stage=3", "model.freeze=[llm]"], "frozen output head"),
     (["strategy.name=deepspeed", "strategy.zero_stage=3", "model.name_or_path=tiny:llava_next"],
      "3 cannot serve 'tiny:llava_next'"),
 ])

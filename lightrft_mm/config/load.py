@@ -7,6 +7,7 @@ value, why it is wrong and the fix.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from pathlib import Path
@@ -29,6 +30,8 @@ def _suggest(name: str, options) -> str:
 def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
     """Convert a YAML / command-line value to the field's type, or record why it cannot be."""
     origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):  # a nested section, e.g. model.lora
+        return _build(typ, value, where, problems)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -240,8 +243,27 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(f"model.freeze: {unknown!r} are not parts. Fix: any of {', '.join(PARTS)}.")
     elif set(cfg.model.freeze) == set(PARTS):
         problems.append("model.freeze: every part is frozen, nothing would train. Fix: leave at least one out.")
+    problems += _lora_problems(cfg.model, PARTS)
     if cfg.warmup.steps and "{answer}" not in cfg.warmup.template:
         problems.append(f"warmup.template: {cfg.warmup.template!r} lacks {{answer}}. Fix: e.g. '\\\\boxed{{{{answer}}}}'.")
+    return problems
+
+
+def _lora_problems(model, parts) -> list[str]:
+    lora = model.lora
+    if not lora.r:
+        changed = [f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(type(lora)(), f.name)]
+        return [f"model.lora.{name}: set, but LoRA is off (model.lora.r is 0). Fix: model.lora.r=8, or remove it."
+                for name in changed]
+    problems = []
+    unknown = [x for x in lora.parts if x not in parts]
+    if unknown or not lora.parts:
+        problems.append(f"model.lora.parts: {unknown or lora.parts!r} are not parts. Fix: any of {', '.join(parts)}.")
+    if model.freeze:
+        problems.append("model.freeze: with LoRA every base weight is already frozen and only adapters train. "
+                        "Fix: remove model.freeze; choose where adapters go with model.lora.parts.")
+    if importlib.util.find_spec("peft") is None:
+        problems.append("model.lora.r: LoRA needs peft, which is not installed. Fix: pip install 'lightrft_mm[lora]'.")
     return problems
 
 
@@ -261,13 +283,21 @@ def help_text() -> str:
     lines = []
     for section, f in SECTIONS.items():
         cls = RewardSpec if section == "rewards" else f.default_factory().__class__
-        title = f"{section}: (a list of)" if section == "rewards" else f"{section}:"
-        lines.append(title)
-        hints = typing.get_type_hints(cls)
-        for sub in dataclasses.fields(cls):
-            typ = getattr(hints[sub.name], "__name__", str(hints[sub.name]))
-            default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
-            choices = sub.metadata.get("choices")
-            extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
-            lines.append(f"  {section}.{sub.name} ({typ}, default {default!r}): {sub.metadata['help']}{extra}")
+        lines.append(f"{section}: (a list of)" if section == "rewards" else f"{section}:")
+        lines += _field_lines(cls, section)
     return "\n".join(lines)
+
+
+def _field_lines(cls, prefix: str) -> list[str]:
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for sub in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[sub.name]):
+            lines += _field_lines(hints[sub.name], f"{prefix}.{sub.name}")
+            continue
+        typ = getattr(hints[sub.name], "__name__", str(hints[sub.name]))
+        default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
+        choices = sub.metadata.get("choices")
+        extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
+        lines.append(f"  {prefix}.{sub.name} ({typ}, default {default!r}): {sub.metadata['help']}{extra}")
+    return lines

@@ -22,6 +22,20 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, low: float | N
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    r: int = opt(0, "LoRA rank (0 = no LoRA: every weight of the unfrozen parts trains). With r > 0 every base "
+                 "weight is frozen and only the low-rank adapters train (peft; `pip install 'lightrft_mm[lora]'`).",
+                 low=0)
+    alpha: float = opt(16.0, "LoRA scale numerator: the adapter's update is multiplied by alpha / r.", low=0.0)
+    dropout: float = opt(0.0, "Dropout on the adapters' input in training (rollout and evaluation run without).",
+                         low=0.0, high=1.0)
+    target_modules: list = opt([], "Linear layers given adapters, by the last part of their name (e.g. [q_proj, "
+                               "v_proj]); empty = every linear layer of `parts` except the output head.")
+    parts: list = opt(["llm"], "Parts whose linear layers get adapters, any of: llm, projector, vision (the "
+                      "vision / audio tower is left out unless named here).")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = opt("tiny:qwen2_5_vl", "A local Hugging Face model folder, or tiny:<family> "
                             "(qwen2_vl, qwen2_5_vl, llava, llava_next, qwen2_audio, qwen2) built offline "
@@ -39,6 +53,7 @@ class ModelConfig:
     freeze: list = opt([], "Parts whose weights stay fixed and get no optimizer state, any of: vision (the vision "
                        "/ audio tower without its projector), projector (the media-to-text projector), llm (the "
                        "language model with its embeddings and head). Counts are logged as params/<part>/*.")
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,10 @@ def strategy_problems(cfg) -> list[str]:
             problems.append(f"strategy.zero_stage: 3 cannot serve {cfg.model.name_or_path!r}: its base model owns "
                             "parameters (image_newline) that its image-feature method uses outside any forward, "
                             "where ZeRO-3 cannot gather them. Fix: strategy.name=fsdp2, or strategy.zero_stage=2.")
+        if s.zero_stage == 3 and (cfg.model.lora.r or "llm" in cfg.model.freeze):
+            problems.append("strategy.zero_stage: 3 with a frozen output head (model.lora, or model.freeze with "
+                            "llm) fails: ZeRO-3 does not gather a frozen module's weights again when the backward "
+                            "recomputes the chunked log-probs. Fix: strategy.name=fsdp2, or strategy.zero_stage=2.")
         if s.offload == "all" and s.zero_stage != 3:
             problems.append(f"strategy.offload: 'all' offloads parameters, which ZeRO stage {s.zero_stage} does "
                             "not shard. Fix: strategy.zero_stage=3, or strategy.offload=optimizer.")

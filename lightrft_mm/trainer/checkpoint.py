@@ -2,7 +2,8 @@
 
 The full weights are gathered to rank 0 from whatever strategy holds them and written with
 `save_pretrained` in `model.dtype`, so transformers reloads a checkpoint without this package;
-the strategy adds its optimizer state (sharded per rank where it is sharded).
+the strategy adds its optimizer state (sharded per rank where it is sharded). A LoRA policy is
+written merged (a plain model) with its adapter alone in `adapter/`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lightrft_mm.models import DTYPES
+from lightrft_mm.models.lora import ADAPTER_DIR, lora_config, merged_state_dict, save_adapter
 
 
 def save_hf(model, processor, path: Path, *, strategy=None, dtype: str = "float32") -> Path:
@@ -27,6 +29,10 @@ def save_hf(model, processor, path: Path, *, strategy=None, dtype: str = "float3
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         target = getattr(torch, DTYPES[dtype])
+        lora = lora_config(model)
+        if lora is not None:
+            save_adapter(state, lora, tmp / ADAPTER_DIR)
+            state = merged_state_dict(state, lora.lora_alpha / lora.r)
         state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
         model.config.dtype = target  # what config.json records, and transformers loads by default
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)

@@ -23,6 +23,7 @@ from lightrft_mm.algorithms.tokens import loss_units, masked_mean, micro_batch_w
 from lightrft_mm.config import Config
 from lightrft_mm.errors import MediaError
 from lightrft_mm.models import logprobs
+from lightrft_mm.models.trainable import trained_text
 from lightrft_mm.processors.adapter import collate
 from lightrft_mm.rewards import RewardInput, prompt_messages, score_rewards
 from lightrft_mm.strategy import STRATEGIES
@@ -176,7 +177,7 @@ def _train(cfg: Config, strategy) -> dict:
     summary = {"before": before.get("accuracy"), "after": after.get("accuracy"),
                "heldout": len(eval_samples), "seconds": round(time.time() - started, 1),
                "steps": cfg.trainer.max_steps, "skipped_media": row["data/skipped_media"], "world_size": world,
-               "checkpoint": str(out / "checkpoint-final")}
+               "checkpoint": str(out / "checkpoint-final"), "trained": trained_text(run.parameters, cfg.model)}
     if strategy.is_main:
         if cfg.logging.plot:
             from lightrft_mm.trainer.plot import plot_curves

@@ -23,6 +23,7 @@ from lightrft_mm.algorithms.advantages import compute_advantages
 from lightrft_mm.config import load_config
 from lightrft_mm.datasets.loader import load_samples
 from lightrft_mm.models import load_policy, logprobs
+from lightrft_mm.models.trainable import apply_trainable
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.rollout.hf import Rollouts, completion_mask_from
 from lightrft_mm.strategy import STRATEGIES
@@ -52,6 +53,7 @@ def main(out: str, data: str, overrides: list[str]) -> None:
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, max_grad_norm=cfg.trainer.max_grad_norm)
     torch.manual_seed(0)
     model, processor = load_policy(cfg.model, seed=0)
+    apply_trainable(model, cfg.model)  # model.lora / freeze / gradient_checkpointing
     adapter = make_adapter(model, processor)
     rollouts, rewards = fixed_batch(adapter, load_samples([data]), model.config.get_text_config().vocab_size)
     groups = list(range(strategy.rank, PROMPTS, strategy.world_size))
