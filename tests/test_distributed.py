@@ -82,6 +82,8 @@ STRATEGY_CASES = {
     # LoRA: adapters and their frozen base layers inside the same sharded units.
     "fsdp2-lora": ["strategy.name=fsdp2", "model.lora.r=4", "model.lora.parts=[llm, vision]"],
     "zero2-lora": ["strategy.name=deepspeed", "strategy.zero_stage=2", "model.lora.r=4"],
+    "fsdp2-padding_free": ["strategy.name=fsdp2", "trainer.padding_free=true"],  # vs the padded single run
+    "zero3-padding_free": ["strategy.name=deepspeed", "strategy.zero_stage=3", "trainer.padding_free=true"],
 }
 
 

@@ -244,6 +244,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     elif set(cfg.model.freeze) == set(PARTS):
         problems.append("model.freeze: every part is frozen, nothing would train. Fix: leave at least one out.")
     problems += _lora_problems(cfg.model, PARTS)
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package (and a GPU). "
+                        "Fix: pip install flash-attn, or model.attn_implementation=sdpa.")
     if cfg.warmup.steps and "{answer}" not in cfg.warmup.template:
         problems.append(f"warmup.template: {cfg.warmup.template!r} lacks {{answer}}. Fix: e.g. '\\\\boxed{{{{answer}}}}'.")
     return problems

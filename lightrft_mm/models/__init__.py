@@ -21,6 +21,8 @@ def load_policy(model_cfg, *, seed: int = 0):
         model, processor = build_tiny(name[len("tiny:"):], tokenizer=model_cfg.tiny_tokenizer, seed=seed)
     else:
         model, processor = load_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    if model.config._attn_implementation != model_cfg.attn_implementation:
+        model.set_attn_implementation(model_cfg.attn_implementation)
     return model.to(getattr(torch, DTYPES[model_cfg.dtype])), processor
 
 

@@ -39,7 +39,7 @@ def sequence_inputs(prompts: PromptBatch, completion_ids: torch.Tensor,
 def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                      completion_mask: torch.Tensor, *, temperature: float | torch.Tensor = 1.0,
                      with_entropy: bool = False, entropy_grad: bool = True,
-                     share_media: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     share_media: bool = True, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the completion tokens, and optionally their entropies.
 
     Args:
@@ -54,6 +54,7 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
         entropy_grad: the entropies carry gradients (an entropy bonus); False detaches them
             (they only select tokens).
         share_media: encode the media of rows that share a prompt once (same result, less work).
+        packed: padding-free: the rows' real tokens run as one sequence (`pack_rows`).
 
     Returns:
         (logps [N, Tc], entropy [N, Tc] or None); padded positions hold arbitrary values.
@@ -72,10 +73,52 @@ def forward_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
         inputs["inputs_embeds"] = torch.cat([prompt_embeds, completion_embeds.to(prompt_embeds.dtype)], dim=1)
     # No position's logits from the model itself (an empty index): the head runs in chunks below.
     none = torch.zeros(0, dtype=torch.long, device=completion_ids.device)
-    out = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, -tc - 1:-1, :]  # the states that predict the completion tokens
-    return head_logprobs(hidden, model.get_output_embeddings(), completion_ids, temperature,
-                         with_entropy=with_entropy, entropy_grad=entropy_grad)
+    head = model.get_output_embeddings()
+    if not packed:
+        out = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, -tc - 1:-1, :]  # the states that predict the completion tokens
+        return head_logprobs(hidden, head, completion_ids, temperature,
+                             with_entropy=with_entropy, entropy_grad=entropy_grad)
+
+    keep = inputs["attention_mask"].bool()
+    out = model(**pack_rows(model, inputs, keep, token_aligned=("input_ids", "inputs_embeds", *prompts.token_aligned)),
+                use_cache=False, logits_to_keep=none, output_hidden_states=True)
+    # Packed index of each padded position; the state at t - 1 predicts the token at t.
+    index = keep.flatten().cumsum(0).view(keep.shape) - 1
+    predictor = index[:, -tc - 1:-1]
+    real = completion_mask.bool()
+    temps = torch.as_tensor(temperature, dtype=torch.float32, device=real.device).expand(real.shape)[real]
+    logps, entropy = head_logprobs(out.hidden_states[-1][0, predictor[real]][None], head,
+                                   completion_ids[real][None], temps[None], with_entropy=with_entropy,
+                                   entropy_grad=entropy_grad)
+    unpack = lambda x: None if x is None else x.new_zeros(real.shape).masked_scatter(real, x[0])  # noqa: E731
+    return unpack(logps), unpack(entropy)
+
+
+def pack_rows(model, inputs: dict, keep: torch.Tensor, *, token_aligned: tuple[str, ...]) -> dict:
+    """Padding-free model inputs: the kept positions ([N, T] bool) of every row, concatenated
+    into one [1, L] sequence, with no attention mask and position ids that restart at 0 in each
+    row. transformers reads the restarts as sequence boundaries: with sdpa / eager attention it
+    builds a block-diagonal causal mask from them, with flash-attention it runs the varlen
+    kernels on them; either way no token attends across rows. Models with Qwen's M-RoPE get the
+    model's own 3D ids of each row (`get_rope_index`) after a row of text positions, [4, 1, L],
+    the layout their forward takes for packed sequences."""
+    mask = keep.long()
+    text = mask.cumsum(-1) - 1  # 0 at each row's first real token
+    base = getattr(model, "model", model)
+    if hasattr(base, "get_rope_index"):
+        grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+        if "image_grid_thw" in grids or "video_grid_thw" in grids:
+            spatial, _ = base.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             attention_mask=mask, **grids)
+        else:
+            spatial = text.unsqueeze(0).expand(3, -1, -1)
+        positions = torch.cat([text.unsqueeze(0), spatial.to(text)])[:, keep].unsqueeze(1)
+    else:
+        positions = text[keep].unsqueeze(0)
+    packed = {k: v[keep].unsqueeze(0) if k in token_aligned else v
+              for k, v in inputs.items() if k != "attention_mask"}
+    return packed | {"position_ids": positions}
 
 
 CHUNK_TOKENS = 1024  # positions per chunk of vocabulary logits (1024 x 152k fp32 = 0.6 GB)

@@ -81,7 +81,8 @@ def _train(cfg: Config, strategy) -> dict:
     pad_id = adapter.pad_token_id
     reward_stats = RunningMoments()  # reward_norm=running (global over the ranks)
     kl_coef = alg.kl_coef  # the adaptive controller (kl_target > 0) moves it
-    forward_logprobs = functools.partial(logprobs.forward_logprobs, share_media=cfg.trainer.encode_prompts_once)
+    forward_logprobs = functools.partial(logprobs.forward_logprobs, share_media=cfg.trainer.encode_prompts_once,
+                                         packed=cfg.trainer.padding_free)
     skipped_media = 0
     bar = _progress(cfg, strategy.is_main)
     for step in range(1, cfg.trainer.max_steps + 1):

@@ -63,7 +63,7 @@ def main(out: str, data: str, overrides: list[str]) -> None:
     model, _ = strategy.prepare(model.to(strategy.device), functools.partial(
         torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay))
     alg = cfg.algorithm
-    forward = functools.partial(logprobs.forward_logprobs, share_media=True)
+    forward = functools.partial(logprobs.forward_logprobs, share_media=True, packed=cfg.trainer.padding_free)
     mask = mine.completion_mask
     advantages = compute_advantages(alg.advantage, rewards[groups], mask, scale_by_std=alg.scale_by_std,
                                     sum_across=strategy.all_reduce)
