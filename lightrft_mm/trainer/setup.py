@@ -59,6 +59,11 @@ def build_run(cfg: Config, strategy) -> Run:
     seed_everything(cfg.trainer.seed)
     model, processor = load_policy(cfg.model, seed=cfg.trainer.seed)
     counts = apply_trainable(model, cfg.model)  # frozen parts, activation checkpointing
+    if cfg.trainer.padding_free and cfg.model.attn_implementation != "flash_attention_2" and strategy.is_main:
+        log.warning("trainer.padding_free with %s attention: the packed sequence's mask is dense, so attention costs "
+                    "grow with the square of the whole pack, not of each row (faster only where the MLP and output "
+                    "head dominate). On a GPU use model.attn_implementation=flash_attention_2 (varlen kernels); "
+                    "trainer.micro_batch_groups bounds the pack.", cfg.model.attn_implementation)
     adapter = make_adapter(model, processor, system_prompt=cfg.data.system_prompt or None,
                            image=cfg.image, video=cfg.video, audio=cfg.audio)
     model.to(strategy.device)
