@@ -93,3 +93,41 @@ def test_training_forward_matches_the_full_logits_and_never_holds_them(family, i
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=1e-5, rtol=0)
     assert 0 < watch.largest <= 5 * vocab, f"an fp32 [.., V] tensor of {watch.largest} elements (> 5 x {vocab})"
+
+
+def test_rollout_keeps_one_decoding_step_of_logits(image_samples, monkeypatch):
+    """While generate runs, the engine holds the newest step's [N, 1, V] logits, not every step's."""
+    import weakref
+
+    from lightrft_mm.models.tiny import build_tiny
+    from lightrft_mm.processors import make_adapter
+    from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
+
+    model, processor = build_tiny("qwen2_5_vl", seed=0)
+    adapter = make_adapter(model, processor)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    refs = []
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab and t.shape[0] > 1:
+                    refs.append(weakref.ref(t))
+            return out
+
+    alive = []
+    generate = model.generate
+
+    def counting(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        alive.append(sum(r() is not None for r in refs))  # what generate's result still holds
+        return out
+
+    monkeypatch.setattr(model, "generate", counting)
+    torch.manual_seed(0)
+    with Track():
+        r = HFRolloutEngine(model, adapter, share_prefill=False).generate(
+            adapter.encode_prompts(image_samples), 4, SamplingParams(max_new_tokens=16, temperature=1.5))
+    assert r.completion_ids.shape[1] == 16 and len(refs) >= 16
+    assert alive[0] <= 4, f"{alive[0]} vocabulary-wide tensors alive after generate (one step's are <= 4)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import peft  # the [lora] extra, installed by the dev extra
 import pytest
 import torch
 
@@ -17,8 +18,6 @@ from lightrft_mm.models.tiny import build_tiny
 from lightrft_mm.models.trainable import part_of_each_module
 from lightrft_mm.prepare import prepare_synthetic
 from lightrft_mm.trainer.loop import train
-
-peft = pytest.importorskip("peft")  # installed by the dev extra (CI); a real dependency of the feature
 
 
 def lora(**overrides):

@@ -45,6 +45,45 @@ class SamplingParams:
         return temps
 
 
+class _SampledLogps(LogitsProcessor):
+    """Records log softmax(raw logits / T_t) of each sampled token while `generate` runs, holding
+    one decoding step's logits at a time (never the [N, T, V] stack of `output_logits`).
+
+    A forward hook on the output head keeps the newest step's raw logits. This processor, called
+    once per real decoding step (not for the idle steps of `synced_gpus`), changes nothing: it
+    scores the token sampled from the previous step's logits (now the last of `input_ids`) and
+    moves the newest step's logits into its place; `finish` scores the last token.
+    `close` removes the hook.
+    """
+
+    def __init__(self, head, temps: torch.Tensor):
+        self.temps, self.newest, self.previous, self.logps = temps, None, None, []
+        self._handle = head.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.newest = output[:, -1:].detach()
+
+    def _score(self, tokens: torch.Tensor) -> None:
+        t = len(self.logps)
+        self.logps.append(selective_logps(self.previous, tokens[:, None], float(self.temps[t]))[:, 0])
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self._score(input_ids[:, -1])
+        self.previous = self.newest
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[N, T] log-probs of the generated tokens (the last `T` columns of `sequences`)."""
+        if self.previous is not None:
+            self._score(sequences[:, -1])
+        self.previous = None
+        return torch.stack(self.logps, dim=1)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 class _FirstTokenTemperature(LogitsProcessor):
     """Logits processor for FIRE: temperature `first` at the first new token, `rest` after,
     then top-k / top-p on the tempered scores (what `generate` does for one temperature)."""
@@ -117,12 +156,16 @@ class HFRolloutEngine:
         self.model.eval()
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
                       eos_token_id=self.adapter.eos_token_id, pad_token_id=self.adapter.pad_token_id,
-                      suppress_tokens=self._suppress or None, output_logits=True,
-                      return_dict_in_generate=True)
+                      suppress_tokens=self._suppress or None, return_dict_in_generate=True)
+        # Raw logits (before processors) at each position's sampling temperature: the
+        # distribution the training forward recomputes.
+        temps = torch.as_tensor(sampling.temperatures(sampling.max_new_tokens), dtype=torch.float32)
+        record = _SampledLogps(self.model.get_output_embeddings(), temps.expand(sampling.max_new_tokens))
+        processors = [record]
         if not sampling.greedy and sampling.first_temperature > 0:
-            fire = _FirstTokenTemperature(batch.input_ids.shape[1], sampling.first_temperature,
-                                          sampling.temperature, sampling.top_k, sampling.top_p)
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([fire]))
+            processors.append(_FirstTokenTemperature(batch.input_ids.shape[1], sampling.first_temperature,
+                                                     sampling.temperature, sampling.top_k, sampling.top_p))
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
         elif not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         share = self.share_prefill and can_prefill_once(prompts, n)
@@ -135,17 +178,16 @@ class HFRolloutEngine:
             inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.token_aligned}
         else:
             inputs = batch.model_inputs()
-        out = self.model.generate(**inputs, **kwargs)
+        try:
+            out = self.model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList(processors))
+        finally:
+            record.close()
+        logps = record.finish(out.sequences)
         if was_training:
             self.model.train()
         ids = out.sequences[:, batch.input_ids.shape[1]:]
         mask = completion_mask_from(ids, self.adapter.eos_token_id)
-        # Raw logits (before processors) at each position's sampling temperature: the
-        # distribution the training forward recomputes. One decoding step at a time in fp32:
-        # never a [N, T, V] fp32 copy.
-        temps = torch.as_tensor(sampling.temperatures(ids.shape[1]), dtype=torch.float32).expand(ids.shape[1])
-        logps = torch.stack([selective_logps(step.unsqueeze(1), ids[:, t:t + 1], float(temps[t]))[:, 0]
-                             for t, step in enumerate(out.logits)], dim=1) * mask
+        logps = logps * mask
         ids = ids.masked_fill(mask == 0, self.adapter.pad_token_id)
         return Rollouts(batch, ids, mask, logps, self.adapter.decode(ids), n)
 
