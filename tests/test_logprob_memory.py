@@ -85,7 +85,7 @@ def test_training_forward_matches_the_full_logits_and_never_holds_them(family, i
     full = torch.log_softmax(out.logits[:, -8:-1, :].float() / 0.9, dim=-1)
     want = full.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
-    monkeypatch.setattr(logprobs, "CHUNK_TOKENS", 5)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 5 * vocab)
     watch = LargestVocabTensor(vocab, hidden)
     with watch:
         got, entropy = forward_logprobs(model, prompts, ids, mask, temperature=0.9, with_entropy=True)

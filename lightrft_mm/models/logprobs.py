@@ -9,7 +9,8 @@ With `share_media` (the default) the vision features of each prompt are computed
 its group of completions (`lightrft_mm.models.shared`).
 
 Memory: the model returns its final hidden states, not its [N, T, V] logits; `head_logprobs`
-applies the output head `CHUNK_TOKENS` positions at a time, upcasts that chunk to fp32, keeps
+applies the output head to `CHUNK_ELEMENTS // vocabulary` positions at a time (442 for Qwen's
+152k), upcasts that chunk to fp32, keeps
 its log-probs (and entropies) and drops it. Under autograd each chunk is checkpointed and
 recomputed in the backward, so at most one chunk of vocabulary logits is alive at any time.
 """
@@ -121,7 +122,7 @@ def pack_rows(model, inputs: dict, keep: torch.Tensor, *, token_aligned: tuple[s
     return packed | {"position_ids": positions}
 
 
-CHUNK_TOKENS = 1024  # positions per chunk of vocabulary logits (1024 x 152k fp32 = 0.6 GB)
+CHUNK_ELEMENTS = 1 << 26  # vocabulary logits per chunk: 256 MB in fp32, whatever the vocabulary
 
 
 def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float | torch.Tensor = 1.0, *,
@@ -137,13 +138,14 @@ def head_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature:
         with_entropy: also return entropies.
         entropy_grad: the entropies carry gradients (an entropy bonus); without it they are
             detached (token selection only).
-        chunk_tokens: positions whose logits exist at once (default `CHUNK_TOKENS`).
+        chunk_tokens: positions whose logits exist at once (default `CHUNK_ELEMENTS // vocabulary`).
 
     Returns:
         (logps [N, T], entropy [N, T] or None), float32.
     """
     n, t, width = hidden.shape
-    chunk_tokens = chunk_tokens or CHUNK_TOKENS
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # (ZeRO-3 empties .weight)
+    chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)
     temps = torch.as_tensor(temperature, dtype=torch.float32, device=hidden.device).expand(n, t).reshape(-1)
     flat, ids = hidden.reshape(n * t, width), tokens.reshape(-1)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
