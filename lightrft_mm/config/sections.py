@@ -47,8 +47,8 @@ class ModelConfig:
     dtype: str = opt("float32", "dtype the weights are loaded in and checkpoints saved in. Training always keeps "
                      "fp32 master weights; strategy.precision sets the compute dtype (docs/distributed.md).",
                      choices=("float32", "bfloat16", "float16"))
-    attn_implementation: str = opt("sdpa", "Attention kernels of the language model and towers: sdpa (PyTorch's), eager, "
-                                   "or flash_attention_2 (GPU, `pip install flash-attn`; the varlen kernels for "
+    attn_implementation: str = opt("sdpa", "Attention kernels of the language model and towers: sdpa (PyTorch's), "
+                                   "eager, or flash_attention_2 (GPU, `pip install flash-attn`; the varlen kernels for "
                                    "trainer.padding_free).", choices=("sdpa", "eager", "flash_attention_2"))
     gradient_checkpointing: bool = opt(False, "Recompute the activations of every decoder layer and vision / audio "
                                        "block in the backward instead of keeping them (less memory, about a third "
@@ -267,11 +267,12 @@ class TrainerConfig:
                                     "one vision-feature pass per prompt in the training forward (gradients "
                                     "flow back through it). false: every completion re-encodes its own copy "
                                     "(slower, same numbers).")
-    padding_free: bool = opt(False, "Training forward without padding: the rows of a forward pass run as one packed "
-                             "sequence of their real tokens, with position ids that restart in each row (Qwen's "
-                             "M-RoPE ids per row) and attention that cannot cross rows (transformers' packed-"
-                             "sequence masks; with model.attn_implementation=flash_attention_2 its varlen kernels). Same "
-                             "log-probs; the padding's compute is saved (docs/performance.md).")
+    padding_free: bool = opt(False, "Training forwards (RL and warm-up) without padding: the rows of a pass run as "
+                             "one packed sequence of their real tokens, position ids restarting in each row (Qwen's "
+                             "M-RoPE ids per row), attention unable to cross rows (transformers' packed-sequence "
+                             "masks). Same log-probs, no compute on padding; but with sdpa / eager the mask is dense, "
+                             "so attention grows with the square of the whole pack: on a GPU use "
+                             "model.attn_implementation=flash_attention_2 (varlen kernels). docs/performance.md.")
     output_dir: str = opt("runs/default", "Run folder: metrics.jsonl, curves.png, checkpoints.")
     lr: float = opt(1e-5, "AdamW learning rate.", low=0.0)
     adam_beta1: float = opt(0.9, "AdamW beta1.", low=0.0, high=1.0)

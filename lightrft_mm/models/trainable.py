@@ -41,8 +41,8 @@ def part_of_each_parameter(model) -> dict[str, list]:
 
 
 def apply_trainable(model, model_cfg) -> dict[str, int]:
-    """Inject LoRA adapters if asked, freeze `model_cfg.freeze`, enable activation checkpointing if asked; log and return the
-    counts {"params/<part>/trainable": n, "params/<part>/frozen": n}."""
+    """Inject LoRA adapters if asked, freeze `model_cfg.freeze`, enable activation checkpointing
+    if asked; log and return the counts {"params/<part>/trainable": n, "params/<part>/frozen": n}."""
     if model_cfg.lora.r:
         from lightrft_mm.models.lora import apply_lora
 

@@ -92,7 +92,7 @@ def build_run(cfg: Config, strategy) -> Run:
     if cfg.warmup.steps:
         warmup(model, adapter, batches(train_data.samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
                cfg.warmup, seed=cfg.trainer.seed, device=strategy.device,
-               progress=cfg.logging.progress and strategy.is_main)
+               progress=cfg.logging.progress and strategy.is_main, packed=cfg.trainer.padding_free)
     ref_model = strategy.prepare_frozen(frozen_copy(model)) if cfg.algorithm.kl_coef > 0 else None
     t = cfg.trainer
     model, _ = strategy.prepare(model, functools.partial(

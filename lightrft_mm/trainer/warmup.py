@@ -27,8 +27,10 @@ def format_targets(samples, template: str, rng: random.Random) -> list[str]:
     return targets
 
 
-def warmup(model, adapter, batch_iter, cfg, *, seed: int, device, progress: bool = True) -> list[float]:
-    """Run `cfg.steps` supervised steps on random-choice targets; returns the losses."""
+def warmup(model, adapter, batch_iter, cfg, *, seed: int, device, progress: bool = True,
+           packed: bool = False) -> list[float]:
+    """Run `cfg.steps` supervised steps on random-choice targets (padding-free with `packed`);
+    returns the losses."""
     rng = random.Random(seed)
     tok = adapter.tokenizer
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -46,7 +48,7 @@ def warmup(model, adapter, batch_iter, cfg, *, seed: int, device, progress: bool
         for row, x in enumerate(ids):
             targets[row, :len(x)] = torch.tensor(x)
             mask[row, :len(x)] = 1
-        logps, _ = forward_logprobs(model, prompts, targets.to(device), mask.to(device))
+        logps, _ = forward_logprobs(model, prompts, targets.to(device), mask.to(device), packed=packed)
         loss = -(logps * mask.to(device)).sum() / mask.sum()
         loss.backward()
         optimizer.step()
