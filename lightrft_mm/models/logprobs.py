@@ -10,9 +10,10 @@ its group of completions (`lightrft_mm.models.shared`).
 
 Memory: the model returns its final hidden states, not its [N, T, V] logits; `head_logprobs`
 applies the output head to `CHUNK_ELEMENTS // vocabulary` positions at a time (442 for Qwen's
-152k), upcasts that chunk to fp32, keeps
-its log-probs (and entropies) and drops it. Under autograd each chunk is checkpointed and
-recomputed in the backward, so at most one chunk of vocabulary logits is alive at any time.
+152k), upcasts that chunk to fp32, keeps its log-probs (and entropies) and drops it. Under
+autograd each chunk is checkpointed and recomputed in the backward, so at most one chunk of
+vocabulary logits is alive at any time. With `packed` (trainer.padding_free) the rows run as
+one sequence of their real tokens (`pack_rows`) and the head sees only real completion tokens.
 """
 
 from __future__ import annotations
