@@ -14,7 +14,7 @@ import torch
 from lightrft_mm.config import AlgorithmConfig, load_config
 from lightrft_mm.processors.adapter import PromptEncoding, collate
 from lightrft_mm.rewards import ScoredBatch
-from lightrft_mm.rollout.hf import Rollouts, SamplingParams, _FirstTokenTemperature
+from lightrft_mm.rollout.hf import Rollouts, SamplingParams, _Warp
 from lightrft_mm.trainer.experience import concat_rollouts, mini_batch_rows, select_rows
 from lightrft_mm.trainer.experience import informative_batch
 from lightrft_mm.trainer.loop import train
@@ -169,9 +169,14 @@ def test_dapo_logs_its_sampling_and_truncation(shards, tmp_path):
         assert 0 <= r["completion/truncated"] <= 1
 
 
-def test_tis_weight_is_one_with_the_hf_engine(shards, tmp_path):
-    steps = _train(shards, tmp_path, "algorithm.tis_cap=2.0")
-    assert all(abs(r["loss/tis_weight_mean"] - 1.0) < 1e-4 for r in steps)
+def test_tis_weight_sees_what_the_engine_sampled_from(shards, tmp_path):
+    """The behaviour policy is the distribution the tokens were drawn from: with top-k 2 every
+    drawn token is likelier under it than under the full policy, so the weight is below 1;
+    without top-k only the suppressed special tokens differ and it stays near 1."""
+    plain = _train(shards, tmp_path / "plain", "algorithm.tis_cap=2.0")
+    top2 = _train(shards, tmp_path / "top2", "algorithm.tis_cap=2.0", "rollout.top_k=2")
+    assert all(0.9 < r["loss/tis_weight_mean"] <= 1.0 + 1e-6 for r in plain)
+    assert all(0 < r["loss/tis_weight_mean"] < min(p["loss/tis_weight_mean"] for p in plain) for r in top2)
 
 
 def _fake_rollouts(groups: int, n: int, width: int, seed: int) -> Rollouts:
@@ -237,7 +242,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
 
 
 def test_fire_processor_tempers_only_the_first_new_token():
-    proc = _FirstTokenTemperature(prompt_len=3, first=4.0, rest=0.5, top_k=2, top_p=1.0)
+    proc = _Warp(prompt_len=3, first=4.0, rest=0.5, top_k=2, top_p=1.0)
     scores = torch.tensor([[4.0, 2.0, 1.0]])
     first = proc(torch.zeros(1, 3, dtype=torch.long), scores.clone())
     later = proc(torch.zeros(1, 4, dtype=torch.long), scores.clone())

@@ -59,3 +59,73 @@ def test_greedy_is_deterministic(image_samples):
     a = engine.generate(prompts, 1, SamplingParams(max_new_tokens=6, greedy=True))
     b = engine.generate(prompts, 1, SamplingParams(max_new_tokens=6, greedy=True))
     assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+def _processed_logps(model, adapter, r, sampling):
+    """Recompute, from one full forward, the log-prob of each sampled token under the
+    distribution generate draws from: special tokens suppressed, the per-position temperature,
+    then transformers' own top-k and top-p warpers."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from lightrft_mm.models.logprobs import sequence_inputs
+
+    tc = r.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = model(**sequence_inputs(r.prompts, r.completion_ids, r.completion_mask)).logits[:, -tc - 1:-1]
+    logits = logits.float()
+    logits[..., adapter.special_ids_to_suppress()] = -float("inf")
+    temps = torch.as_tensor(sampling.temperatures(tc), dtype=torch.float32).expand(tc)
+    out = torch.zeros(r.completion_ids.shape)
+    for t in range(tc):
+        scores = logits[:, t] / temps[t]
+        if sampling.top_k:
+            scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+        if sampling.top_p < 1:
+            scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+        out[:, t] = scores.log_softmax(-1).gather(-1, r.completion_ids[:, t:t + 1])[:, 0]
+    return out
+
+
+def test_recorded_sampling_logps_are_the_processed_distributions(image_samples):
+    model, processor = build_tiny("qwen2_5_vl", seed=0)
+    adapter = HFChatAdapter(processor)
+    prompts = adapter.encode_prompts(image_samples)
+    for sampling in (SamplingParams(max_new_tokens=8, temperature=0.8, top_k=2),
+                     SamplingParams(max_new_tokens=8, temperature=1.2, top_p=0.5),
+                     SamplingParams(max_new_tokens=8, temperature=0.7, top_k=3, first_temperature=3.0)):
+        torch.manual_seed(0)
+        r = HFRolloutEngine(model, adapter).generate(prompts, 4, sampling)
+        real = r.completion_mask.bool()
+        want = _processed_logps(model, adapter, r, sampling)
+        assert (r.sample_logps - want)[real].abs().max().item() <= 1e-4, sampling
+        # The policy at the sampling temperature is another, lower number: the trainer's quantity.
+        assert (r.logps[real] < r.sample_logps[real] - 1e-3).any()
+        if sampling.top_k == 2:  # drawn among two tokens: the sampled one had at least a fair share of mass
+            assert r.sample_logps[real].mean().item() > -0.75 > r.logps[real].mean().item()
+
+
+def test_a_checkpoints_generation_config_changes_nothing(image_samples):
+    """Qwen-VL Instruct checkpoints ship repetition_penalty 1.05 (and top_k / top_p): none of it
+    reaches the sampling; rollout.repetition_penalty does."""
+    model, processor = build_tiny("qwen2_5_vl", seed=0)
+    adapter = HFChatAdapter(processor)
+    prompts = adapter.encode_prompts(image_samples)
+    sampling = SamplingParams(max_new_tokens=10, temperature=1.0)
+
+    def sample(params=sampling):
+        torch.manual_seed(3)
+        return HFRolloutEngine(model, adapter).generate(prompts, 4, params)
+
+    plain = sample()
+    own = model.generation_config
+    model.generation_config.repetition_penalty, model.generation_config.top_k = 3.0, 1
+    try:
+        shipped = sample()
+    finally:
+        model.generation_config = own
+    assert model.generation_config.repetition_penalty == 3.0  # the model's own config is left as it was
+    assert torch.equal(shipped.completion_ids, plain.completion_ids)
+    assert torch.equal(shipped.sample_logps, plain.sample_logps)
+    model.generation_config.repetition_penalty, model.generation_config.top_k = 1.0, 50
+    penalised = sample(SamplingParams(max_new_tokens=10, temperature=1.0, repetition_penalty=3.0))
+    assert not torch.equal(penalised.completion_ids, plain.completion_ids)

@@ -108,6 +108,10 @@ class RolloutConfig:
     temperature: float = opt(1.0, "Sampling temperature.", low=1e-3)
     top_p: float = opt(1.0, "Nucleus sampling mass (1.0 = off).", low=1e-3, high=1.0)
     top_k: int = opt(0, "Sample among the k most likely tokens (0 = off).", low=0)
+    repetition_penalty: float = opt(1.0, "transformers' repetition penalty on tokens already in the sequence (> 1 "
+                                    "discourages repeats; 1.0 = off). Sampling settings come only from rollout.*: "
+                                    "a checkpoint's generation_config is never applied (docs/algorithms.md).",
+                                    low=1e-3)
     fire_temperature: float = opt(0.0, "FIRE sampling: the first completion token is drawn at this temperature, "
                                   "the rest at rollout.temperature; log-probs (sampling, old, reference) use the "
                                   "same per-position temperatures. 0 = off.", low=0.0)

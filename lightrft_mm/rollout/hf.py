@@ -9,6 +9,7 @@ trainer recomputes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     first_temperature: float = 0.0
+    repetition_penalty: float = 1.0
 
     def temperatures(self, length: int) -> float | torch.Tensor:
         """The temperature of each completion position: a float, or [length] with FIRE on.
@@ -46,47 +48,70 @@ class SamplingParams:
 
 
 class _SampledLogps(LogitsProcessor):
-    """Records log softmax(raw logits / T_t) of each sampled token while `generate` runs, holding
-    one decoding step's logits at a time (never the [N, T, V] stack of `output_logits`).
+    """Records, for each sampled token, its log-prob under the policy at the sampling temperature
+    (log softmax(raw logits / T_t), what the trainer recomputes) and under the distribution it
+    was actually drawn from (log softmax of the processed scores: suppression, repetition
+    penalty, temperature, top-k, top-p), holding one decoding step at a time (never the
+    [N, T, V] stack of `output_logits`).
 
-    A forward hook on the output head keeps the newest step's raw logits. This processor, called
-    once per real decoding step (not for the idle steps of `synced_gpus`), changes nothing: it
-    scores the token sampled from the previous step's logits (now the last of `input_ids`) and
-    moves the newest step's logits into its place; `finish` scores the last token.
-    `close` removes the hook.
+    The last processor of the list, so its `scores` are the final ones; a forward hook on the
+    output head keeps the newest step's raw logits. Called once per real decoding step (not for
+    the idle steps of `synced_gpus`), it changes nothing: it scores the token sampled at the
+    previous step (now the last of `input_ids`) and keeps this step's logits and scores in its
+    place; `finish` scores the last token. `close` removes the hook.
     """
 
     def __init__(self, head, temps: torch.Tensor):
-        self.temps, self.newest, self.previous, self.logps = temps, None, None, []
+        self.temps, self.newest, self.previous = temps, None, None
+        self.logps, self.sample_logps = [], []
         self._handle = head.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output):
         self.newest = output[:, -1:].detach()
 
     def _score(self, tokens: torch.Tensor) -> None:
+        raw, processed = self.previous
         t = len(self.logps)
-        self.logps.append(selective_logps(self.previous, tokens[:, None], float(self.temps[t]))[:, 0])
+        self.logps.append(selective_logps(raw, tokens[:, None], float(self.temps[t]))[:, 0])
+        self.sample_logps.append(selective_logps(processed.unsqueeze(1), tokens[:, None])[:, 0])
 
     def __call__(self, input_ids, scores):
         if self.previous is not None:
             self._score(input_ids[:, -1])
-        self.previous = self.newest
+        self.previous = self.newest, scores
         return scores
 
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[N, T] log-probs of the generated tokens (the last `T` columns of `sequences`)."""
+    def finish(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, T] policy and sampling log-probs of the generated tokens (the last `T` columns
+        of `sequences`)."""
         if self.previous is not None:
             self._score(sequences[:, -1])
         self.previous = None
-        return torch.stack(self.logps, dim=1)
+        return torch.stack(self.logps, dim=1), torch.stack(self.sample_logps, dim=1)
 
     def close(self) -> None:
         self._handle.remove()
 
 
-class _FirstTokenTemperature(LogitsProcessor):
-    """Logits processor for FIRE: temperature `first` at the first new token, `rest` after,
-    then top-k / top-p on the tempered scores (what `generate` does for one temperature)."""
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """While generating, the model's generation_config is transformers' defaults: a checkpoint's
+    own sampling settings (Qwen-VL Instruct ships repetition_penalty 1.05, top_k, top_p, ...)
+    would otherwise fill every value `generate` is not given and change the distribution."""
+    from transformers import GenerationConfig
+
+    hf_model = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
+    own = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf_model.generation_config = own
+
+
+class _Warp(LogitsProcessor):
+    """The sampling warpers, in `generate`'s order: temperature (`first` at the first new token,
+    FIRE; `rest` after), then top-k and top-p on the tempered scores."""
 
     def __init__(self, prompt_len: int, first: float, rest: float, top_k: int, top_p: float):
         self.prompt_len, self.first, self.rest = prompt_len, first, rest
@@ -108,9 +133,13 @@ class Rollouts:
         prompts: the prompt batch repeated n times ([B * n] rows).
         completion_ids: [B * n, Tc] right-padded with the pad id.
         completion_mask: [B * n, Tc] 1 up to and including the end-of-turn token.
-        logps: [B * n, Tc] log-probs of the sampled tokens under the sampling distribution.
+        logps: [B * n, Tc] log-probs of the sampled tokens under the policy at the sampling
+            temperature (per position with FIRE): what the trainer's forward recomputes.
         texts: decoded completions, special tokens removed.
         n: completions per prompt.
+        sample_logps: [B * n, Tc] log-probs under the distribution the tokens were actually
+            drawn from (after suppression, repetition penalty, temperature, top-k, top-p): the
+            behaviour policy of the truncated importance weight. None = equal to `logps`.
     """
 
     prompts: PromptBatch
@@ -119,6 +148,12 @@ class Rollouts:
     logps: torch.Tensor
     texts: list[str]
     n: int
+    sample_logps: torch.Tensor | None = None
+
+    @property
+    def behaviour_logps(self) -> torch.Tensor:
+        """The log-probs the tokens were drawn with (`sample_logps`, else `logps`)."""
+        return self.logps if self.sample_logps is None else self.sample_logps
 
 
 def completion_mask_from(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -154,20 +189,21 @@ class HFRolloutEngine:
         batch = prompts.repeat(n, self.adapter.pad_token_id).to(self.model.device)
         was_training = self.model.training
         self.model.eval()
+        # Sampling is fully ours: generate's own warpers are neutral and the checkpoint's
+        # generation_config is set aside (`_neutral_generation_config`), so the distribution
+        # sampled from is exactly the one `_SampledLogps` records.
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
                       eos_token_id=self.adapter.eos_token_id, pad_token_id=self.adapter.pad_token_id,
-                      suppress_tokens=self._suppress or None, return_dict_in_generate=True)
-        # Raw logits (before processors) at each position's sampling temperature: the
-        # distribution the training forward recomputes.
+                      suppress_tokens=self._suppress or None, repetition_penalty=sampling.repetition_penalty,
+                      return_dict_in_generate=True)
         temps = torch.as_tensor(sampling.temperatures(sampling.max_new_tokens), dtype=torch.float32)
         record = _SampledLogps(self.model.get_output_embeddings(), temps.expand(sampling.max_new_tokens))
         processors = [record]
-        if not sampling.greedy and sampling.first_temperature > 0:
-            processors.append(_FirstTokenTemperature(batch.input_ids.shape[1], sampling.first_temperature,
-                                                     sampling.temperature, sampling.top_k, sampling.top_p))
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
-        elif not sampling.greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        if not sampling.greedy:
+            kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+            first = sampling.first_temperature if sampling.first_temperature > 0 else sampling.temperature
+            processors.insert(0, _Warp(batch.input_ids.shape[1], first, sampling.temperature, sampling.top_k,
+                                       sampling.top_p))
         share = self.share_prefill and can_prefill_once(prompts, n)
         if self.comm is not None:
             share = self.comm.all_reduce(float(share), "min") > 0
@@ -179,17 +215,17 @@ class HFRolloutEngine:
         else:
             inputs = batch.model_inputs()
         try:
-            out = self.model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList(processors))
+            with _neutral_generation_config(self.model):
+                out = self.model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList(processors))
         finally:
             record.close()
-        logps = record.finish(out.sequences)
+        logps, sample_logps = record.finish(out.sequences)
         if was_training:
             self.model.train()
         ids = out.sequences[:, batch.input_ids.shape[1]:]
         mask = completion_mask_from(ids, self.adapter.eos_token_id)
-        logps = logps * mask
         ids = ids.masked_fill(mask == 0, self.adapter.pad_token_id)
-        return Rollouts(batch, ids, mask, logps, self.adapter.decode(ids), n)
+        return Rollouts(batch, ids, mask, logps * mask, self.adapter.decode(ids), n, sample_logps * mask)
 
     def load_weights(self, state) -> None:
         """The HF engine generates with the training model itself: nothing to copy."""

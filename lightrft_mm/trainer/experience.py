@@ -46,7 +46,8 @@ def select_rows(rollouts: Rollouts, rows: list[int], pad_id: int) -> Rollouts:
     mask = rollouts.completion_mask[index]
     width = max(int(mask.sum(dim=1).max()), 1)  # drop completion columns no selected row uses
     return Rollouts(prompts, rollouts.completion_ids[index, :width], mask[:, :width],
-                    rollouts.logps[index, :width], [rollouts.texts[i] for i in rows], rollouts.n)
+                    rollouts.logps[index, :width], [rollouts.texts[i] for i in rows], rollouts.n,
+                    rollouts.behaviour_logps[index, :width])
 
 
 def _pad_right(x: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -74,7 +75,8 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
                     torch.cat([_pad_right(p.completion_ids, width, pad_id) for p in parts]),
                     torch.cat([_pad_right(p.completion_mask, width, 0) for p in parts]),
                     torch.cat([_pad_right(p.logps, width, 0.0) for p in parts]),
-                    [t for p in parts for t in p.texts], parts[0].n)
+                    [t for p in parts for t in p.texts], parts[0].n,
+                    torch.cat([_pad_right(p.behaviour_logps, width, 0.0) for p in parts]))
 
 
 def renumber_groups(inputs: list, n: int) -> list:

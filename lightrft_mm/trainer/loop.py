@@ -129,9 +129,10 @@ def _train(cfg: Config, strategy) -> dict:
         advantages = clip_advantages(advantages, alg.adv_clip)
 
         # 5. Optimise: epochs x mini-batches of whole groups, on the policy's recomputed log-probs
-        #    (same positions as generation). old_logps stay fixed over the updates: the sampling
-        #    log-probs, or (TIS) the trainer's own from before the first update, the sampling
-        #    ones then being the behaviour policy of the truncated importance weight.
+        #    (same positions as generation). old_logps stay fixed over the updates: the engine's
+        #    policy log-probs at the sampling temperature, or (TIS) the trainer's own from before
+        #    the first update; the distribution the tokens were drawn from (after top-k / top-p /
+        #    penalties, `behaviour_logps`) is then the behaviour policy of the importance weight.
         old_logps = rollouts.logps
         if alg.tis_cap > 0:
             with torch.no_grad():
@@ -247,7 +248,7 @@ def optimise(model, strategy, rollouts, old_logps, advantages, mask, *, alg, tem
                     logps, cut(old_logps), cut(advantages), cut(mask), loss=alg.loss,
                     aggregation=alg.aggregation, clip_eps=alg.clip_eps, clip_eps_high=alg.clip_eps_high,
                     dual_clip=alg.dual_clip, max_tokens=max_tokens, drift_coef=alg.drift_coef,
-                    behaviour_logps=cut(rollouts.logps), tis_cap=alg.tis_cap, token_select=select,
+                    behaviour_logps=cut(rollouts.behaviour_logps), tis_cap=alg.tis_cap, token_select=select,
                     ref_logps=cut(ref_logps), kl_coef=kl_coef if alg.kl_in == "loss" else 0.0,
                     kl_estimator=alg.kl_estimator, kl_clamp=alg.kl_clamp, entropy=entropy,
                     entropy_coef=alg.entropy_coef, pg_scale=pg_scale)

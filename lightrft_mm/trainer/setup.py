@@ -100,7 +100,8 @@ def build_run(cfg: Config, strategy) -> Run:
     engine = HFRolloutEngine(model, adapter, share_prefill=t.encode_prompts_once, comm=strategy)
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, first_temperature=r.fire_temperature)
+                              top_k=r.top_k, first_temperature=r.fire_temperature,
+                              repetition_penalty=r.repetition_penalty)
     return Run(out, model, processor, adapter, engine, ref_model, sampling, train_data, eval_samples,
                reward_fns, reward_fns.including(t.accuracy_reward), counts)
 
