@@ -63,8 +63,8 @@ class Strategy(Protocol):
 
     def load(self, path) -> None: ...
 
-    def close(self) -> None:
-        """Leave the process group."""
+    def close(self, *, drain: bool = True) -> None:
+        """Leave the process group (after a barrier unless drain=False, after an error)."""
 
 
 def strategy_problems(cfg) -> list[str]:

@@ -111,9 +111,14 @@ class Collectives:
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def close(self) -> None:
-        """Leave the process group (at the end of a run)."""
+    def close(self, *, drain: bool = True) -> None:
+        """Leave the process group (at the end of a run). `drain` first meets the other ranks at
+        a barrier, so no rank tears its group down while a peer's last exchange with it is in
+        flight (gloo then aborts the process: "terminate called without an active exception");
+        after an error pass drain=False: a rank may be gone and would not come."""
         if self.distributed:
+            if drain:
+                self.barrier()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 

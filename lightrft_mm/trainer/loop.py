@@ -44,9 +44,12 @@ def train(cfg: Config) -> dict:
     """
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, max_grad_norm=cfg.trainer.max_grad_norm)
     try:
-        return _train(cfg, strategy)
-    finally:
-        strategy.close()
+        summary = _train(cfg, strategy)
+    except BaseException:
+        strategy.close(drain=False)  # another rank may have failed: do not wait for it
+        raise
+    strategy.close()
+    return summary
 
 
 def _train(cfg: Config, strategy) -> dict:
