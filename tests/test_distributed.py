@@ -196,6 +196,25 @@ def test_dapo_with_kl_tis_and_accumulation_runs_on_two_ranks(strategy, tmp_path,
     assert any(r["grad_norm"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("strategy", [["strategy.name=fsdp2"], ["strategy.name=deepspeed", "strategy.zero_stage=2"]],
+                         ids=["fsdp2", "zero2"])
+def test_lora_with_the_base_model_as_kl_reference_on_two_ranks(strategy, tmp_path, colors):
+    """LoRA, sharded, its KL reference the policy with adapters off: KL 0 at step 1 (B = 0),
+    then > 0; the checkpoint's adapter and merged weights are written from the gathered state."""
+    out = tmp_path / "run"
+    reward = tmp_path / "length.py"
+    reward.write_text("def length(inputs):\n    return [float(len(x.completion_ids)) for x in inputs]\n")
+    proc = torchrun(["-m", "lightrft_mm", "train", "recipes/demo/colors.yaml", *strategy, "model.lora.r=4",
+                     "algorithm.kl_coef=0.1", "algorithm.kl_in=loss", "warmup.steps=0", "trainer.max_steps=3",
+                     "data.batch_size=4", "rollout.n=4", "trainer.lr=3e-2", f"data.train=[{colors}]", "data.eval=[]",
+                     f"rewards=[{{name: '{reward}:length'}}]", f"trainer.output_dir={out}",
+                     "logging.progress=false", "logging.plot=false"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kl = [json.loads(line)["loss/kl"] for line in (out / "metrics.jsonl").open() if "grad_norm" in line]
+    assert kl[0] == 0.0 and kl[-1] > 0
+    assert (out / "checkpoint-final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("strategy", [["strategy.name=fsdp2"], ["strategy.name=deepspeed", "strategy.zero_stage=3"]],
                          ids=["fsdp2", "zero3"])
 def test_frozen_vision_and_checkpointing_on_two_ranks(strategy, tmp_path, colors):

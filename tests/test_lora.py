@@ -142,3 +142,55 @@ def test_rollout_policy_computes_the_merged_model(colors):
         ours, _ = forward_logprobs(model.eval(), prompts, ids, mask)
         reference, _ = forward_logprobs(merged.eval(), prompts, ids, mask)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_base_model_is_the_kl_reference_without_a_copy(colors, tmp_path):
+    """With LoRA and no warm-up the reference is the policy with its adapters off: the same
+    numbers as the loaded base model, and no second model in memory."""
+    from lightrft_mm.datasets.loader import load_samples
+    from lightrft_mm.models.logprobs import forward_logprobs
+    from lightrft_mm.models.lora import adapters_disabled
+    from lightrft_mm.processors import make_adapter
+    from lightrft_mm.strategy import STRATEGIES
+    from lightrft_mm.trainer.setup import build_run
+
+    model, processor = build_tiny("qwen2_5_vl", seed=0)
+    base, _ = build_tiny("qwen2_5_vl", seed=0)
+    apply_lora(model, lora())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.1)
+    adapter = make_adapter(model, processor)
+    prompts = adapter.encode_prompts(load_samples([colors])[:2])
+    ids, mask = torch.randint(3, 100, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        with adapters_disabled(model):
+            off, _ = forward_logprobs(model, prompts, ids, mask)
+        on, _ = forward_logprobs(model, prompts, ids, mask)
+        want, _ = forward_logprobs(base, prompts, ids, mask)
+    torch.testing.assert_close(off, want, rtol=0, atol=1e-6)
+    assert (on - want).abs().max() > 1e-3  # the adapters are back on after the block
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+    overrides = ["model.lora.r=4", "algorithm.kl_coef=0.1", f"data.train=[{colors}]", "data.eval=[]",
+                 f"trainer.output_dir={tmp_path / 'run'}", "trainer.overwrite=true", "logging.progress=false"]
+    strategy = STRATEGIES.get("single")(load_config(None, []).strategy, max_grad_norm=1.0)
+    run = build_run(load_config("recipes/demo/colors.yaml", [*overrides, "warmup.steps=0"]), strategy)
+    assert run.ref_model is run.model
+    warmed = build_run(load_config("recipes/demo/colors.yaml", [*overrides, "warmup.steps=1"]), strategy)
+    assert warmed.ref_model is not None and warmed.ref_model is not warmed.model  # warmed adapters: a copy
+
+
+def test_kl_to_the_base_model_starts_at_zero_and_grows(colors, tmp_path):
+    out = tmp_path / "run"
+    reward = tmp_path / "length.py"
+    reward.write_text("def length(inputs):\n    return [float(len(x.completion_ids)) for x in inputs]\n")
+    train(load_config("recipes/demo/colors.yaml", [
+        "model.lora.r=4", "algorithm.kl_coef=0.1", "algorithm.kl_in=loss", f"data.train=[{colors}]", "data.eval=[]",
+        "warmup.steps=0", "trainer.max_steps=3", "data.batch_size=4", "rollout.n=4", "trainer.lr=3e-2",
+        f"trainer.output_dir={out}", "logging.progress=false", "logging.plot=false",
+        f"rewards=[{{name: '{reward}:length'}}]"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["loss/kl"] for r in rows if "grad_norm" in r]
+    assert kl[0] == 0.0 and kl[-1] > 0  # B starts at zero: the policy is the base model at step 1

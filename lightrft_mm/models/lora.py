@@ -12,6 +12,7 @@ Hugging Face model transformers reloads) and the adapter alone (`adapter/`, whic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -72,6 +73,22 @@ def apply_lora(model: nn.Module, lora_cfg) -> list[str]:
 def lora_config(model: nn.Module):
     """The peft LoraConfig of a model with injected adapters, else None."""
     return (getattr(model, "peft_config", None) or {}).get(ADAPTER)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, every LoRA layer computes its frozen base layer only: the policy is its own base
+    model (the KL reference without a copy of the weights)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer._disable_adapters = True  # what peft's disable_adapter() sets, without touching requires_grad
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:

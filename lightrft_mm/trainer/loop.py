@@ -7,6 +7,7 @@ protocols; the algorithm math is the pure functions of `lightrft_mm.algorithms`,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,6 +24,7 @@ from lightrft_mm.algorithms.tokens import loss_units, masked_mean, micro_batch_w
 from lightrft_mm.config import Config
 from lightrft_mm.errors import MediaError
 from lightrft_mm.models import logprobs
+from lightrft_mm.models.lora import adapters_disabled
 from lightrft_mm.models.trainable import trained_text
 from lightrft_mm.processors.adapter import collate
 from lightrft_mm.rewards import RewardInput, prompt_messages, score_rewards
@@ -121,7 +123,7 @@ def _train(cfg: Config, strategy) -> dict:
         rewards = _fill_invalid(rewards, reward_valid)
         ref_logps = kl_penalty = None
         if ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), adapters_disabled(model) if ref_model is model else contextlib.nullcontext():
                 ref_logps, _ = forward_logprobs(ref_model, rollouts.prompts, rollouts.completion_ids,
                                                 rollouts.completion_mask, temperature=temps)
             if alg.kl_in == "reward":

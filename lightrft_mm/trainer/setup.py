@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Run:
     """What `build_run` sets up. `model` is the prepared (wrapped / sharded) policy and
-    `ref_model` the frozen KL reference (None without a KL term); `train_data` yields this
+    `ref_model` the frozen KL reference (None without a KL term; the policy itself, run with
+    its LoRA adapters off, when LoRA trains from the loaded weights); `train_data` yields this
     rank's share of every global batch."""
 
     out: Path
@@ -93,10 +94,16 @@ def build_run(cfg: Config, strategy) -> Run:
         warmup(model, adapter, batches(train_data.samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
                cfg.warmup, seed=cfg.trainer.seed, device=strategy.device,
                progress=cfg.logging.progress and strategy.is_main, packed=cfg.trainer.padding_free)
-    ref_model = strategy.prepare_frozen(frozen_copy(model)) if cfg.algorithm.kl_coef > 0 else None
+    # With LoRA and no warm-up the reference is the policy with its adapters off: no copy.
+    base_is_reference = cfg.model.lora.r > 0 and not cfg.warmup.steps
+    ref_model = None
+    if cfg.algorithm.kl_coef > 0 and not base_is_reference:
+        ref_model = strategy.prepare_frozen(frozen_copy(model))
     t = cfg.trainer
     model, _ = strategy.prepare(model, functools.partial(
         torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay))
+    if cfg.algorithm.kl_coef > 0 and base_is_reference:
+        ref_model = model  # the loop runs it under models.lora.adapters_disabled
     engine = HFRolloutEngine(model, adapter, share_prefill=t.encode_prompts_once, comm=strategy)
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
