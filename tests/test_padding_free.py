@@ -118,3 +118,19 @@ def test_training_with_padding_free_matches_the_padded_run(tmp_path):
         assert packed["reward/mean"] == padded["reward/mean"]  # the same completions
         for key in ("loss/loss", "grad_norm", "loss/ratio_mean"):
             assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), key
+
+
+def test_attn_implementation_reaches_the_model_and_flash_needs_its_package():
+    import importlib.util
+
+    from lightrft_mm.config import load_config
+    from lightrft_mm.errors import ConfigError
+    from lightrft_mm.models import load_policy
+
+    cfg = load_config(None, ["model.name_or_path=tiny:llava", "model.attn_implementation=eager"])
+    model, _ = load_policy(cfg.model)
+    assert model.config._attn_implementation == "eager"
+    assert model.config.get_text_config()._attn_implementation == "eager"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ConfigError, match="flash-attn"):
+            load_config(None, ["model.attn_implementation=flash_attention_2"])

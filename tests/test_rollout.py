@@ -129,3 +129,17 @@ def test_a_checkpoints_generation_config_changes_nothing(image_samples):
     model.generation_config.repetition_penalty, model.generation_config.top_k = 1.0, 50
     penalised = sample(SamplingParams(max_new_tokens=10, temperature=1.0, repetition_penalty=3.0))
     assert not torch.equal(penalised.completion_ids, plain.completion_ids)
+
+
+def test_rollout_repetition_penalty_reaches_the_engine(tmp_path):
+    from lightrft_mm.config import load_config
+    from lightrft_mm.prepare import prepare_synthetic
+    from lightrft_mm.strategy import STRATEGIES
+    from lightrft_mm.trainer.setup import build_run
+
+    data = prepare_synthetic("colors", tmp_path / "colors", n=4, seed=1)
+    cfg = load_config("recipes/demo/colors.yaml", ["rollout.repetition_penalty=1.3", f"data.train=[{data}]",
+                                                   "data.eval=[]", "warmup.steps=0", f"trainer.output_dir={tmp_path}/r",
+                                                   "logging.progress=false"])
+    run = build_run(cfg, STRATEGIES.get("single")(cfg.strategy, max_grad_norm=1.0))
+    assert run.sampling.repetition_penalty == 1.3
