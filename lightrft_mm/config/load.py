@@ -255,7 +255,8 @@ def _cross_checks(cfg: Config) -> list[str]:
 def _lora_problems(model, parts) -> list[str]:
     lora = model.lora
     if not lora.r:
-        changed = [f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(type(lora)(), f.name)]
+        default = type(lora)()
+        changed = [f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(default, f.name)]
         return [f"model.lora.{name}: set, but LoRA is off (model.lora.r is 0). Fix: model.lora.r=8, or remove it."
                 for name in changed]
     problems = []

@@ -27,6 +27,11 @@ ADAPTER = "default"  # peft's adapter name inside the module tree
 ADAPTER_DIR = "adapter"  # the adapter's folder inside a checkpoint
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter / state-dict name is a LoRA adapter tensor (`lora_A` / `lora_B`)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def _peft():
     try:
         import peft
@@ -64,7 +69,7 @@ def apply_lora(model: nn.Module, lora_cfg) -> list[str]:
                              base_model_name_or_path=getattr(model, "name_or_path", None) or None)
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        p.requires_grad_(is_adapter(name))
     log.info("LoRA r=%d alpha=%g on %d linear layers of %s", lora_cfg.r, lora_cfg.alpha, len(targets),
              ", ".join(lora_cfg.parts))
     return targets
@@ -97,7 +102,7 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
     tensors are dropped."""
     merged = {}
     for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
+        if is_adapter(key):
             continue
         if ".base_layer." in key:
             layer, _, leaf = key.rpartition(".base_layer.")
@@ -116,6 +121,6 @@ def save_adapter(state: dict[str, torch.Tensor], config, path: Path) -> None:
 
     path.mkdir(parents=True, exist_ok=True)
     adapter = {"base_model.model." + key.replace(f".{ADAPTER}.", "."): value.contiguous()
-               for key, value in state.items() if ".lora_A." in key or ".lora_B." in key}
+               for key, value in state.items() if is_adapter(key)}
     save_file(adapter, str(path / "adapter_model.safetensors"))
     config.save_pretrained(str(path))
