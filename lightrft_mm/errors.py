@@ -28,6 +28,10 @@ class ModelError(LightRFTError):
     """A model cannot be found, built or loaded."""
 
 
+class RolloutError(LightRFTError):
+    """A rollout engine failed: not installed, not answering, or answering wrongly."""
+
+
 class RewardError(LightRFTError):
     """A reward cannot be resolved or returned an invalid value."""
 

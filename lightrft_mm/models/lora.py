@@ -100,19 +100,30 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
     """The plain model's state dict from the state dict of a model with LoRA layers: each base
     weight becomes `W + scaling * B @ A` (computed in fp32) under its original name; adapter
     tensors are dropped."""
-    merged = {}
-    for key, value in state.items():
+    return dict(merged_stream(state.items(), scaling))
+
+
+def merged_stream(items, scaling: float):
+    """`merged_state_dict` over a stream of `(name, tensor)`: a LoRA layer's merged weight is
+    yielded as soon as its base weight and both adapter matrices have passed (nothing else is
+    held), other tensors at once."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in items:
         if is_adapter(key):
+            which = "A" if ".lora_A." in key else "B"
+            layer = key.split(f".lora_{which}.")[0]
+            pending.setdefault(layer, {})[which] = value
+        elif key.endswith(".base_layer.weight"):
+            layer = key[:-len(".base_layer.weight")]
+            pending.setdefault(layer, {})["W"] = value
+        else:
+            yield key.replace(".base_layer.", "."), value
             continue
-        if ".base_layer." in key:
-            layer, _, leaf = key.rpartition(".base_layer.")
-            if leaf == "weight":
-                a = state[f"{layer}.lora_A.{ADAPTER}.weight"].float()
-                b = state[f"{layer}.lora_B.{ADAPTER}.weight"].float()
-                value = (value.float() + scaling * (b @ a)).to(value.dtype)
-            key = f"{layer}.{leaf}"
-        merged[key] = value
-    return merged
+        held = pending[layer]
+        if len(held) == 3:
+            del pending[layer]
+            w = held["W"]
+            yield f"{layer}.weight", (w.float() + scaling * (held["B"].float() @ held["A"].float())).to(w.dtype)
 
 
 def save_adapter(state: dict[str, torch.Tensor], config, path: Path) -> None:

@@ -186,7 +186,7 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
                           extra_corpus=_AUDIO_CORPUS if family == "qwen2_audio" else "")
     text = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
         rms_norm_eps=1e-6, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )

@@ -23,11 +23,14 @@ TOKEN_ALIGNED = ("mm_token_type_ids",)
 
 @dataclass
 class PromptEncoding:
-    """One prompt: its token ids, token-aligned extras [L] and media tensors (first dim = item)."""
+    """One prompt: its token ids, token-aligned extras [L], media tensors (first dim = item) and
+    `raw`: the media as handed to the processor, by kind ("image": PIL images, "video": frame
+    arrays, "audio": waveforms), for an engine that processes them itself (vLLM)."""
 
     input_ids: torch.Tensor
     token_aligned: dict[str, torch.Tensor] = field(default_factory=dict)
     media: dict[str, torch.Tensor] = field(default_factory=dict)
+    raw: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -156,7 +159,7 @@ class HFChatAdapter:
         aligned = {k: out[k][0] for k in TOKEN_ALIGNED if k in out}
         media = {k: v for k, v in out.items()
                  if k not in ("input_ids", "attention_mask") and k not in aligned}
-        return PromptEncoding(out["input_ids"][0], aligned, media)
+        return PromptEncoding(out["input_ids"][0], aligned, media, {"image": images} if images else {})
 
     def encode_prompts(self, samples: list[Sample]) -> PromptBatch:
         return collate([self.encode_one(s) for s in samples], self.pad_token_id)

@@ -46,11 +46,11 @@ def render_prompt(adapter: HFChatAdapter, sample: Sample) -> str:
         to_hf_messages(sample, adapter.system_prompt), add_generation_prompt=True, tokenize=False)
 
 
-def split_outputs(out) -> PromptEncoding:
-    """One-prompt processor output -> PromptEncoding (token-aligned extras vs media tensors)."""
+def split_outputs(out, raw: dict | None = None) -> PromptEncoding:
+    """One-prompt processor output (and the media it was given, by kind) -> PromptEncoding."""
     aligned = {k: out[k][0] for k in TOKEN_ALIGNED if k in out}
     media = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and k not in aligned}
-    return PromptEncoding(out["input_ids"][0], aligned, media)
+    return PromptEncoding(out["input_ids"][0], aligned, media, raw or {})
 
 
 class LlavaAdapter(HFChatAdapter):
@@ -83,7 +83,8 @@ class LlavaAdapter(HFChatAdapter):
                   for p in sample.media("image")]
         if not images:
             return split_outputs(self.tokenizer([text], return_tensors="pt", add_special_tokens=False))
-        return self.finish(split_outputs(self.processor(text=[text], images=images, return_tensors="pt")))
+        return self.finish(split_outputs(self.processor(text=[text], images=images, return_tensors="pt"),
+                                         {"image": images}))
 
     def finish(self, encoding: PromptEncoding) -> PromptEncoding:
         """Hook for family-specific fixes of a prompt's media tensors (none for LLaVA-1.5)."""

@@ -59,7 +59,7 @@ class Qwen2AudioAdapter(HFChatAdapter):
             return split_outputs(self.tokenizer([text], return_tensors="pt", add_special_tokens=False))
         out = self.processor(text=[text], audio=audios, sampling_rate=self.sampling_rate, return_tensors="pt")
         out.pop("num_audio_tokens", None)
-        return split_outputs(out)
+        return split_outputs(out, {"audio": audios})
 
     def load(self, part: Part, sample: Sample) -> np.ndarray:
         """Decode one audio part: mono float32 at the model's rate, within both length limits."""

@@ -74,8 +74,9 @@ class QwenVLAdapter(HFChatAdapter):
         text = self.processor.apply_chat_template(
             to_hf_messages(sample, self.system_prompt), add_generation_prompt=True, tokenize=False)
         media: dict[str, torch.Tensor] = {}
-        image_tokens = self._images(sample, where, media)
-        video_tokens = self._videos(sample, where, media)
+        raw: dict[str, list] = {}
+        image_tokens = self._images(sample, where, media, raw)
+        video_tokens = self._videos(sample, where, media, raw)
         text = self._expand(text, image_tokens, video_tokens, where)
         input_ids = self.tokenizer([text], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         types = torch.zeros_like(input_ids)
@@ -86,26 +87,28 @@ class QwenVLAdapter(HFChatAdapter):
                 raise MediaError(f"{where}: the tokenized prompt holds {int((types == code).sum())} {kind} "
                                  f"tokens where its {len(counts)} {kind}(s) need {sum(counts)}. Fix: keep "
                                  f"'{IMAGE_PAD}' / '{VIDEO_PAD}' out of the text and the chat template.")
-        return PromptEncoding(input_ids, {"mm_token_type_ids": types}, media)
+        return PromptEncoding(input_ids, {"mm_token_type_ids": types}, media, raw)
 
-    def _images(self, sample: Sample, where: str, media: dict) -> list[int]:
+    def _images(self, sample: Sample, where: str, media: dict, raw: dict) -> list[int]:
         guard = self.image_cfg.max_pixels_guard
         images = [load_image(p.image, where=where, max_pixels_guard=guard) for p in sample.media("image")]
         if not images:
             return []
+        raw["image"] = images
         out = self.image_processor(images=images, return_tensors="pt")
         media["pixel_values"] = out["pixel_values"]
         media["image_grid_thw"] = out["image_grid_thw"]
         merge = self.image_processor.merge_size ** 2
         return [int(g.prod()) // merge for g in out["image_grid_thw"]]
 
-    def _videos(self, sample: Sample, where: str, media: dict) -> list[int]:
+    def _videos(self, sample: Sample, where: str, media: dict, raw: dict) -> list[int]:
         parts = sample.media("video")
         if not parts:
             return []
         pixels, grids, seconds = [], [], []
         for part in parts:
             clip = self.load_clip(part, where)
+            raw.setdefault("video", []).append(clip.frames)
             out = qwen_video_inputs(clip.frames, self.image_processor, **self.video_pixels())
             pixels.append(out["pixel_values_videos"])
             grids.append(out["video_grid_thw"])

@@ -55,8 +55,11 @@ class Strategy(Protocol):
         """The model's full state dict (HF names, CPU tensors) on the main rank, {} on the others.
         Collective."""
 
-    def gather_state_for_engine(self) -> dict:
-        """The weights a rollout engine loads (the full state dict). Collective."""
+    def engine_weights(self):
+        """Yield `(name, tensor)` over the full state dict, one tensor gathered at a time (the
+        weights a separate rollout engine loads; the whole model is never held at once). The
+        tensor is the full CPU value on the main rank and None on the others. Collective: every
+        rank iterates to the end."""
 
     def save(self, path) -> None:
         """Optimizer (and, where sharded, engine) state into checkpoint folder `path`. Collective."""

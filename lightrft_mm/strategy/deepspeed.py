@@ -170,19 +170,30 @@ class DeepSpeedStrategy(Collectives):
         the module's values for frozen parameters and buffers; keys of the HF state dict."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        return {name: value for name, value in self._full_values(safe_get_full_fp32_param) if self.is_main}
+
+    def engine_weights(self):
+        """One tensor at a time: under ZeRO-3 each parameter is gathered, yielded and released
+        before the next (fp32 masters of the trainable ones)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, value in self._full_values(safe_get_full_fp32_param, keep=False):
+            yield name, value if self.is_main else None
+
+    def _full_values(self, get_fp32, keep: bool = True):
         module = self.engine.module
         if self.sharded_params:
             # Parameters prefetched by the last forwards may still be in flight: settle them
             # before gathering (a frozen one is gathered and re-partitioned below).
             self.engine.empty_partition_cache()
-        values: dict[int, torch.Tensor] = {}
-        state = {}
+        values: dict[int, torch.Tensor] = {}  # tied tensors gathered once (kept only for a dict)
         for name, tensor in module.state_dict(keep_vars=True).items():
-            if id(tensor) not in values:
-                values[id(tensor)] = self._full_value(tensor, safe_get_full_fp32_param)
-            if self.is_main:
-                state[name] = values[id(tensor)]
-        return state
+            value = values.get(id(tensor))
+            if value is None:
+                value = self._full_value(tensor, get_fp32)
+                if keep:
+                    values[id(tensor)] = value
+            yield name, value
 
     def _full_value(self, tensor, get_fp32) -> torch.Tensor:
         full = get_fp32(tensor) if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad else None
@@ -192,9 +203,6 @@ class DeepSpeedStrategy(Collectives):
         if full is None:
             full = tensor.detach()
         return full.cpu().clone() if self.is_main else full.new_empty(0)
-
-    def gather_state_for_engine(self) -> dict:
-        return self.full_state_dict()
 
     def save(self, path) -> None:
         """The engine state (ZeRO partitions, fp32 masters, optimizer state, loss scale) of

@@ -127,8 +127,12 @@ class FSDP2Strategy(Collectives):
         state = get_model_state_dict(self._resharded(), options=options)
         return state if self.is_main else {}
 
-    def gather_state_for_engine(self) -> dict:
-        return self.full_state_dict()
+    def engine_weights(self):
+        from torch.distributed.tensor import DTensor
+
+        for name, value in self._resharded().state_dict().items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value  # all-gather of one tensor
+            yield name, full.detach().cpu() if self.is_main else None
 
     def save(self, path) -> None:
         """The optimizer state, sharded per rank (torch.distributed.checkpoint), in `path`/optimizer."""

@@ -81,8 +81,9 @@ class SingleStrategy(Collectives):
     def full_state_dict(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
-    def gather_state_for_engine(self) -> dict:
-        return self.model.state_dict()
+    def engine_weights(self):
+        for name, value in self.model.state_dict().items():
+            yield name, value.detach()
 
     def save(self, path) -> None:
         """Optimizer state beside an HF checkpoint written by the trainer."""

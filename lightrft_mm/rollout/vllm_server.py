@@ -1,0 +1,243 @@
+"""`lightrft-mm vllm-serve MODEL`: a vLLM engine behind a small HTTP API, for the trainer's
+`rollout.engine=vllm` (DESIGN §4).
+
+It runs in vLLM's own Python environment (vLLM pins its own torch and transformers), started by
+the trainer itself (`rollout.vllm.mode=colocate`: a child process on the trainer's machine) or
+by you on other GPUs or nodes (`mode=server`, `rollout.vllm.url`). Only the standard library,
+vLLM and safetensors are imported: the rest of the package is not needed here.
+
+Endpoints (JSON unless said):
+    GET  /health            -> {"model", "vocab_size", "sleep"}
+    POST /generate          {"prompts": [{"prompt_token_ids", "images": [base64 PNG]}], "n",
+                             "sampling": {...}, "suppress": [ids]} -> {"outputs": [{
+                             "prompt_token_ids", "completions": [{"token_ids", "logprobs"}]}]}
+    PUT  /weights/<file>    a safetensors file (bytes) staged for the next commit
+    POST /weights/commit    {"files": [...]} -> loads them in place, resets the caches
+    POST /sleep, /wake_up   free / restore the engine's memory between rollouts (GPU only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+log = logging.getLogger("lightrft_mm.vllm_serve")
+WORKER_EXTENSION = "lightrft_mm.rollout.vllm_worker.WeightSync"
+
+
+def use_cpu_shims() -> None:
+    """Where torchvision is absent, every process of the engine (vLLM starts several) loads the
+    import shims of `vllm_shims` through the `vllm_cpu/sitecustomize.py` start-up hook."""
+    from lightrft_mm.rollout import vllm_shims
+
+    if vllm_shims.install():
+        folder = str(Path(__file__).with_name("vllm_cpu"))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+
+
+class Engine:
+    """One `vllm.LLM` and the lock that serialises the trainer ranks' calls into it."""
+
+    def __init__(self, model: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
+                 tensor_parallel_size: int, seed: int, sleep: bool):
+        use_cpu_shims()
+        import torch
+        from vllm import LLM
+
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_enabled = sleep and self.on_gpu
+        if sleep and not self.on_gpu:
+            log.info("rollout.vllm.sleep: vLLM has no sleep mode on CPU; the engine keeps its memory between rollouts")
+        kwargs = dict(model=model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                      tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
+                      worker_extension_cls=WORKER_EXTENSION, enforce_eager=not self.on_gpu,
+                      enable_sleep_mode=self.sleep_enabled, max_logprobs=1)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        self.model = model
+        self.llm = LLM(**kwargs)
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.lock = threading.Lock()
+        self.staging = Path(tempfile.mkdtemp(prefix="lightrft-vllm-weights-", dir=_shm()))
+        self.asleep = False
+
+    def generate(self, body: dict) -> dict:
+        from PIL import Image
+        from vllm import SamplingParams
+
+        s, n = body["sampling"], int(body["n"])
+        suppress = set(body.get("suppress", []))
+        allowed = [i for i in range(self.vocab_size) if i not in suppress] if suppress else None
+        params = SamplingParams(
+            n=n, max_tokens=int(s["max_tokens"]), temperature=0.0 if s["greedy"] else float(s["temperature"]),
+            top_p=float(s["top_p"]), top_k=int(s["top_k"]) or -1, repetition_penalty=float(s["repetition_penalty"]),
+            seed=s.get("seed"), logprobs=0, allowed_token_ids=allowed, stop_token_ids=[int(body["eos_token_id"])],
+            ignore_eos=False, skip_special_tokens=False, detokenize=False)
+        prompts = []
+        for p in body["prompts"]:
+            prompt = {"prompt_token_ids": [int(t) for t in p["prompt_token_ids"]]}
+            images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in p.get("images", [])]
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
+        with self.lock:
+            self._awake()
+            results = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = []
+        for r in results:
+            completions = []
+            for c in r.outputs:
+                logps = [next(iter(step.values())).logprob if len(step) == 1 else step[t].logprob
+                         for t, step in zip(c.token_ids, c.logprobs)]
+                completions.append({"token_ids": list(c.token_ids), "logprobs": logps})
+            outputs.append({"prompt_token_ids": list(r.prompt_token_ids), "completions": completions})
+        return {"outputs": outputs}
+
+    def stage(self, name: str, data: bytes) -> None:
+        if "/" in name or not name.endswith(".safetensors"):
+            raise ValueError(f"weights file name {name!r}: expected a bare *.safetensors name")
+        (self.staging / name).write_bytes(data)
+
+    def commit(self, files: list[str]) -> dict:
+        paths = [str(self.staging / f) for f in files]
+        missing = [f for f, p in zip(files, paths) if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"weights files never sent: {missing}")
+        t = time.time()
+        with self.lock:
+            self._awake()
+            counts = self.llm.collective_rpc("lightrft_load_files", args=(paths,))
+            self.llm.reset_prefix_cache()
+            self.llm.reset_mm_cache()
+        for p in paths:
+            os.unlink(p)
+        return {"tensors": counts[0], "seconds": round(time.time() - t, 4)}
+
+    def sleep(self) -> dict:
+        with self.lock:
+            if self.sleep_enabled and not self.asleep:
+                self.llm.sleep(level=1)
+                self.asleep = True
+        return {"asleep": self.asleep}
+
+    def wake(self) -> dict:
+        with self.lock:
+            self._awake()
+        return {"asleep": False}
+
+    def _awake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _shm() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def make_handler(engine: Engine):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # one line per request at debug level, not stderr noise
+            log.debug(fmt, *args)
+
+        def _reply(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+        def _run(self, fn) -> None:
+            try:
+                self._reply(200, fn())
+            except (ValueError, KeyError, TypeError) as e:  # a bad request (vLLM rejects inputs with ValueError)
+                log.warning("request refused", exc_info=True)
+                self._reply(400, {"error": f"{type(e).__name__}: {e}"})
+            except Exception as e:  # the engine failed: say so to the trainer, keep serving
+                log.exception("request failed")
+                self._reply(500, {"error": f"{type(e).__name__}: {e}"})
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._reply(200, {"model": engine.model, "vocab_size": engine.vocab_size,
+                                  "sleep": engine.sleep_enabled})
+            else:
+                self._reply(404, {"error": f"no endpoint {self.path}"})
+
+        def do_PUT(self):
+            if self.path.startswith("/weights/"):
+                name, data = self.path[len("/weights/"):], self._body()
+                self._run(lambda: engine.stage(name, data) or {"staged": name})
+            else:
+                self._reply(404, {"error": f"no endpoint {self.path}"})
+
+        def do_POST(self):
+            routes = {"/generate": lambda b: engine.generate(b), "/weights/commit": lambda b: engine.commit(b["files"]),
+                      "/sleep": lambda b: engine.sleep(), "/wake_up": lambda b: engine.wake()}
+            if self.path not in routes:
+                self._reply(404, {"error": f"no endpoint {self.path}"})
+                return
+            raw = self._body()
+            self._run(lambda: routes[self.path](json.loads(raw or b"{}")))
+
+    return Handler
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lightrft-mm vllm-serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="Hugging Face model folder the engine starts from (the trainer then syncs its "
+                                 "weights before the first rollout)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other nodes)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sleep", action="store_true", help="allow /sleep between rollouts (GPU only)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; only read by the CPU backend
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        sys.exit("lightrft-mm vllm-serve: vLLM is not installed in this Python "
+                 f"({sys.executable}). Fix: `make vllm` (CPU) or pip install 'lightrft_mm[vllm]' (GPU).")
+    engine = Engine(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                    gpu_memory_utilization=args.gpu_memory_utilization,
+                    tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, sleep=args.sleep)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(engine))
+    log.info("serving %s on http://%s:%d", args.model, args.host, server.server_address[1])
+    print(f"lightrft-mm vllm-serve: ready on http://{args.host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
