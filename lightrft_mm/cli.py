@@ -1,4 +1,4 @@
-"""`lightrft-mm`: train | validate | demo | prepare | data inspect | rewards list | rewards score."""
+"""`lightrft-mm`: train | validate | demo | prepare | data inspect | rewards list | rewards score | vllm-serve."""
 
 from __future__ import annotations
 
@@ -39,10 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     from lightrft_mm.rewards.cli import build_parser as rewards_parser
 
     rewards_parser(sub.add_parser("rewards", help="registered rewards: list them, score completions with them"))
+    sub.add_parser("vllm-serve", add_help=False,
+                   help="run a vLLM rollout engine for rollout.vllm.mode=server (in vLLM's environment; --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["vllm-serve"]:  # runs in vLLM's environment: none of the trainer is imported
+        from lightrft_mm.rollout.vllm_server import main as serve
+
+        serve(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     # Under torchrun every line names its rank; ranks other than 0 log warnings and errors only.
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

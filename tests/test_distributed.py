@@ -97,6 +97,7 @@ def test_two_ranks_match_one_process(case, tmp_path, colors, request):
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
     assert sharded["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     assert sharded["changed"] == single["changed"]  # every parameter a step moves in one process moves here
+    assert sharded["engine_weights_equal"] and single["engine_weights_equal"]  # what a vLLM engine is sent
 
 
 def test_zero3_refuses_a_model_whose_own_parameters_it_cannot_gather():

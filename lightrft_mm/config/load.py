@@ -220,6 +220,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     from lightrft_mm.strategy import strategy_problems
 
     problems += strategy_problems(cfg)
+    from lightrft_mm.rollout.vllm import config_problems as engine_problems
+
+    problems += engine_problems(cfg)
     name = cfg.model.name_or_path
     if name.startswith("tiny:"):
         from lightrft_mm.models.tiny import FAMILIES

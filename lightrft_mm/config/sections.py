@@ -101,8 +101,33 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
+class VLLMConfig:
+    mode: str = opt("colocate", "colocate: the trainer starts the engine beside itself (same machine and devices, "
+                    "with rollout.vllm.python) and stops it at the end; server: an engine you started with "
+                    "`lightrft-mm vllm-serve MODEL` (other GPUs or nodes) at rollout.vllm.url.",
+                    choices=("colocate", "server"))
+    url: str = opt("", "server mode: the engine's address, e.g. http://10.0.0.2:8765.")
+    python: str = opt("", "colocate: the Python of vLLM's environment (vLLM pins its own torch and "
+                      "transformers). Empty = $LIGHTRFT_MM_VLLM_PYTHON, else this Python when it has vLLM, else "
+                      ".venv-vllm/bin/python (built by `make vllm`).")
+    port: int = opt(0, "colocate: the engine's port on 127.0.0.1 (0 = a free one).", low=0)
+    dtype: str = opt("auto", "dtype of the engine's weights (auto = model.dtype).",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    gpu_memory_utilization: float = opt(0.3, "colocate: share of each GPU's memory the engine may take (weights "
+                                        "+ KV cache); the rest is the trainer's.", low=0.01, high=1.0)
+    tensor_parallel_size: int = opt(1, "colocate: GPUs the engine's tensor parallelism spans.", low=1)
+    max_model_len: int = opt(0, "Longest prompt + completion the engine allocates KV cache for (0 = the model's).",
+                             low=0)
+    sleep: bool = opt(True, "colocate: the engine frees its memory while the trainer trains (vLLM sleep mode) "
+                      "and wakes for the next rollout. GPU only: on CPU the engine keeps its memory (logged once).")
+    timeout_s: float = opt(600.0, "Seconds one request to the engine (a rollout, a weight sync) or a colocated "
+                           "engine's start may take before the run stops with an error naming the engine.", low=1.0)
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
-    engine: str = opt("hf", "Rollout engine: hf (transformers generate, CPU or GPU).", choices=("hf",))
+    engine: str = opt("hf", "Rollout engine: hf (transformers generate in the trainer, CPU or GPU) or vllm (a vLLM "
+                      "engine in its own process, rollout.vllm; text and image prompts).", choices=("hf", "vllm"))
     n: int = opt(8, "Completions sampled per prompt (the GRPO group size).", low=2)
     max_new_tokens: int = opt(64, "Longest completion, in tokens.", low=1)
     temperature: float = opt(1.0, "Sampling temperature.", low=1e-3)
@@ -115,6 +140,7 @@ class RolloutConfig:
     fire_temperature: float = opt(0.0, "FIRE sampling: the first completion token is drawn at this temperature, "
                                   "the rest at rollout.temperature; log-probs (sampling, old, reference) use the "
                                   "same per-position temperatures. 0 = off.", low=0.0)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass(frozen=True)

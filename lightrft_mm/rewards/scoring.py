@@ -18,11 +18,14 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from lightrft_mm.errors import ConfigError, RegistryError, RewardError, did_you_mean
 from lightrft_mm.rewards.core import (ERROR, SKIP, TIMEOUT, Outcome, Reward, RewardInput, factory_arg_problems,
                                       label_of, make_reward, options_of, run_reward)
+
+if TYPE_CHECKING:  # torch is imported where the tensors are made
+    import torch
 
 COMBINE_MODES = ("sum_then_normalize", "normalize_then_sum")
 

@@ -227,5 +227,13 @@ class HFRolloutEngine:
         ids = ids.masked_fill(mask == 0, self.adapter.pad_token_id)
         return Rollouts(batch, ids, mask, logps * mask, self.adapter.decode(ids), n, sample_logps * mask)
 
-    def load_weights(self, state) -> None:
+    records_policy_logps = True  # `logps` is the policy at the sampling temperature
+
+    def sync(self, strategy) -> None:
         """The HF engine generates with the training model itself: nothing to copy."""
+
+    def sleep(self) -> None:
+        """Nothing to free: the model is the trainer's."""
+
+    def close(self) -> None:
+        """Nothing to stop."""

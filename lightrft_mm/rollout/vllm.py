@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +53,40 @@ INSTALL = ("Fix: `make vllm` builds vLLM's environment in .venv-vllm (CPU), or p
            "in a Python of its own (GPU); then rollout.vllm.python=<that python>.")
 
 
+def config_problems(cfg) -> list[str]:
+    """What `validate` refuses about rollout.engine / rollout.vllm (with the fix)."""
+    import dataclasses
+
+    from lightrft_mm.strategy import model_type_of
+
+    r, v = cfg.rollout, cfg.rollout.vllm
+    if r.engine != "vllm":
+        default = type(v)()
+        return [f"rollout.vllm.{f.name}: set, but rollout.engine is {r.engine}. Fix: rollout.engine=vllm, or remove it."
+                for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(default, f.name)]
+    problems = []
+    family = model_type_of(cfg.model.name_or_path)
+    if family and family not in FAMILIES:
+        problems.append(f"rollout.engine=vllm: model type {family!r} is not served by this engine. It serves: "
+                        f"{', '.join(FAMILIES)}. Fix: rollout.engine=hf.")
+    if r.fire_temperature > 0:
+        problems.append("rollout.fire_temperature: vLLM samples a request at one temperature, so FIRE needs the hf "
+                        "engine. Fix: rollout.engine=hf, or rollout.fire_temperature=0.")
+    if v.mode == "server" and not v.url.startswith(("http://", "https://")):
+        problems.append(f"rollout.vllm.url: {v.url!r} is not an http(s) address; server mode needs the engine's. "
+                        "Fix: start `lightrft-mm vllm-serve MODEL --host 0.0.0.0` and set rollout.vllm.url="
+                        "http://HOST:8765, or rollout.vllm.mode=colocate.")
+    if v.mode == "colocate":
+        if v.url:
+            problems.append("rollout.vllm.url: only for mode=server (a colocated engine's address is chosen by the "
+                            "trainer). Fix: remove it, or rollout.vllm.mode=server.")
+        try:
+            vllm_python(v.python)
+        except RolloutError as e:
+            problems.append(str(e))
+    return problems
+
+
 def vllm_python(configured: str) -> str:
     """The interpreter that runs a colocated engine: rollout.vllm.python, else
     $LIGHTRFT_MM_VLLM_PYTHON, else this Python when it has vLLM, else .venv-vllm/bin/python."""
@@ -64,7 +99,7 @@ def vllm_python(configured: str) -> str:
         return sys.executable
     local = Path(".venv-vllm/bin/python")
     if local.is_file():
-        return str(local.resolve())
+        return str(local.absolute())  # not resolved: the venv is known by its own path
     raise RolloutError(f"rollout.engine=vllm: vLLM is not installed in {sys.executable} and no vLLM environment "
                        f"was found (rollout.vllm.python, $LIGHTRFT_MM_VLLM_PYTHON, .venv-vllm). {INSTALL}")
 
@@ -247,14 +282,23 @@ class VLLMRolloutEngine:
             self._request("POST", "/sleep", {})
 
     def close(self) -> None:
-        """Stop the engine this client started (colocate)."""
+        """Stop the engine this client started (colocate): its whole process group, since vLLM's
+        engine core and workers are processes of their own."""
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # workers that outlived the server
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process = None
 
 
@@ -307,6 +351,9 @@ def write_engine_folder(model, processor, strategy, folder: Path, *, model_type,
     hf = getattr(model, "module", model)
     config = copy.deepcopy(hf.config)
     config.dtype = dtype
+    # vLLM picks its model class by this name (a tiny model built from a config has none; an
+    # FSDP2-wrapped one's class is a subclass of the transformers one).
+    config.architectures = [next(c.__name__ for c in type(hf).__mro__ if c.__module__.startswith("transformers."))]
     config.save_pretrained(folder)
     processor.save_pretrained(folder)
     for i, data in enumerate(weight_files(strategy.engine_weights(), model_type=model_type, dtype=dtype,
@@ -318,14 +365,15 @@ def _launch(python: str, folder: Path, port: int, v, seed: int, dtype: torch.dty
     cmd = [python, "-m", "lightrft_mm.rollout.vllm_server", str(folder), "--port", str(port),
            "--dtype", str(dtype).removeprefix("torch."), "--seed", str(seed),
            "--gpu-memory-utilization", str(v.gpu_memory_utilization),
-           "--tensor-parallel-size", str(v.tensor_parallel_size), "--max-model-len", str(v.max_model_len)]
+           "--tensor-parallel-size", str(v.tensor_parallel_size), "--max-model-len", str(v.max_model_len),
+           "--parent-pid", str(os.getpid())]
     if v.sleep:
         cmd.append("--sleep")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p)
     log_file = open(folder / "engine.log", "w")
     log.info("starting the vLLM engine: %s (log: %s)", " ".join(cmd), folder / "engine.log")
-    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _wait_ready(engine: VLLMRolloutEngine, process: subprocess.Popen, folder: Path) -> None:

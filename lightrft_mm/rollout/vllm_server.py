@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -57,10 +58,15 @@ class Engine:
 
         self.on_gpu = torch.cuda.is_available()
         self.sleep_enabled = sleep and self.on_gpu
+        if not self.on_gpu:
+            # vLLM 0.32's CPU runner rewinds a seeded request's generator with set_offset, which
+            # CPU generators lack (RuntimeError when a partial prefill is discarded): on CPU the
+            # engine's own seed drives sampling and per-request seeds are not used.
+            log.info("CPU engine: sampling follows the engine seed (--seed), not per-request seeds")
         if sleep and not self.on_gpu:
             log.info("rollout.vllm.sleep: vLLM has no sleep mode on CPU; the engine keeps its memory between rollouts")
         kwargs = dict(model=model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                      tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
+                      tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", runner="generate",
                       worker_extension_cls=WORKER_EXTENSION, enforce_eager=not self.on_gpu,
                       enable_sleep_mode=self.sleep_enabled, max_logprobs=1)
         if max_model_len:
@@ -82,8 +88,8 @@ class Engine:
         params = SamplingParams(
             n=n, max_tokens=int(s["max_tokens"]), temperature=0.0 if s["greedy"] else float(s["temperature"]),
             top_p=float(s["top_p"]), top_k=int(s["top_k"]) or -1, repetition_penalty=float(s["repetition_penalty"]),
-            seed=s.get("seed"), logprobs=0, allowed_token_ids=allowed, stop_token_ids=[int(body["eos_token_id"])],
-            ignore_eos=False, skip_special_tokens=False, detokenize=False)
+            seed=s.get("seed") if self.on_gpu else None, logprobs=0, allowed_token_ids=allowed,
+            stop_token_ids=[int(body["eos_token_id"])], ignore_eos=False, skip_special_tokens=False, detokenize=False)
         prompts = []
         for p in body["prompts"]:
             prompt = {"prompt_token_ids": [int(t) for t in p["prompt_token_ids"]]}
@@ -118,7 +124,11 @@ class Engine:
         with self.lock:
             self._awake()
             counts = self.llm.collective_rpc("lightrft_load_files", args=(paths,))
+            # Everything computed from the old weights: cached prefixes, vision / audio encoder
+            # outputs (the scheduler's record of them too, else the next image request fails
+            # with "Encoder cache miss") and processed media.
             self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()
             self.llm.reset_mm_cache()
         for p in paths:
             os.unlink(p)
@@ -143,6 +153,21 @@ class Engine:
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _exit_with_parent(pid: int, engine: Engine) -> None:
+    """A colocated engine outlives no trainer: when the trainer process is gone, stop the
+    engine's whole process group (vLLM's engine core and workers included)."""
+    while True:
+        time.sleep(2)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("the trainer (pid %d) is gone: stopping the engine", pid)
+            engine.close()
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            os._exit(1)
 
 
 def _shm() -> str | None:
@@ -215,6 +240,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sleep", action="store_true", help="allow /sleep between rollouts (GPU only)")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process ends (a trainer that "
+                                                             "started this engine, rollout.vllm.mode=colocate)")
     return p.parse_args(argv)
 
 
@@ -231,6 +258,8 @@ def main(argv=None) -> None:
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, sleep=args.sleep)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(engine))
+    if args.parent_pid:
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid, engine), daemon=True).start()
     log.info("serving %s on http://%s:%d", args.model, args.host, server.server_address[1])
     print(f"lightrft-mm vllm-serve: ready on http://{args.host}:{server.server_address[1]}", flush=True)
     try:

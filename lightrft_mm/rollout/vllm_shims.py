@@ -16,10 +16,8 @@ import importlib.abc
 import importlib.util
 import sys
 
-ALIASES = {
-    "transformers.models.qwen2_vl.image_processing_qwen2_vl": "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
-    "transformers.models.pixtral.image_processing_pixtral": "transformers.models.pixtral.image_processing_pil_pixtral",
-}
+ALIASES = {f"transformers.models.{family}.image_processing_{family}":
+           f"transformers.models.{family}.image_processing_pil_{family}" for family in ("qwen2_vl", "pixtral")}
 PATCHED = "transformers.processing_utils"
 
 

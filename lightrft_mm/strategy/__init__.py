@@ -104,7 +104,7 @@ def strategy_problems(cfg) -> list[str]:
         if importlib.util.find_spec("deepspeed") is None:
             problems.append("strategy.name: deepspeed is not installed. Fix: pip install 'lightrft_mm[deepspeed]' "
                             "(on CPU machines add -c constraints-cpu.txt to keep the CPU build of torch).")
-        if s.zero_stage == 3 and _model_type(cfg.model.name_or_path) in ZERO3_UNSERVED:
+        if s.zero_stage == 3 and model_type_of(cfg.model.name_or_path) in ZERO3_UNSERVED:
             problems.append(f"strategy.zero_stage: 3 cannot serve {cfg.model.name_or_path!r}: its base model owns "
                             "parameters (image_newline) that its image-feature method uses outside any forward, "
                             "where ZeRO-3 cannot gather them. Fix: strategy.name=fsdp2, or strategy.zero_stage=2.")
@@ -121,7 +121,7 @@ def strategy_problems(cfg) -> list[str]:
 ZERO3_UNSERVED = ("llava_next",)  # model types whose feature methods read base-owned parameters
 
 
-def _model_type(name_or_path: str) -> str:
+def model_type_of(name_or_path: str) -> str:
     """`tiny:<family>`'s family, or the `model_type` of a model folder's config.json ("" if unknown)."""
     import json
     from pathlib import Path

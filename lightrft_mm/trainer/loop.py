@@ -57,6 +57,13 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, strategy) -> dict:
     started = time.time()
     run = build_run(cfg, strategy)  # model, adapter, data, rewards, reference, prepared policy, engine
+    try:
+        return _loop(cfg, strategy, run, started)
+    finally:
+        run.engine.close()  # a vLLM engine this run started
+
+
+def _loop(cfg: Config, strategy, run, started: float) -> dict:
     out, model, adapter, engine, sampling = run.out, run.model, run.adapter, run.engine, run.sampling
     ref_model, train_data, eval_samples, reward_fns = run.ref_model, run.train_data, run.eval_samples, run.reward_fns
     world, batch_iter = strategy.world_size, iter(run.train_data)
@@ -78,6 +85,7 @@ def _train(cfg: Config, strategy) -> dict:
                                                          rollouts.completion_mask))]
         return samples, rollouts, inputs, score_rewards(reward_fns, inputs, cfg.rollout.n), skipped
 
+    engine.sync(strategy)  # a separate engine samples from the policy as prepared (warm-up, LoRA)
     metrics = open_writer(out / "metrics.jsonl", strategy.is_main)
     trajectories = open_writer(out / "trajectories.jsonl", strategy.is_main and cfg.logging.completions > 0)
     before = run_eval()
@@ -106,6 +114,16 @@ def _train(cfg: Config, strategy) -> dict:
             sampled = {}
         skipped_media += skipped
         rewards, reward_valid = scored.rewards, scored.valid
+        engine.sleep()  # a colocated vLLM engine hands its memory to training until the next rollout
+        temps = sampling.temperatures(rollouts.completion_ids.shape[1])  # per position with FIRE
+        if not engine.records_policy_logps:
+            # vLLM returns the log-probs of the distribution it sampled (after top-k / top-p /
+            # suppression: the behaviour policy); the policy's own at the sampling temperature,
+            # what the ratio's old side is, come from the trainer's forward.
+            with torch.no_grad():
+                logps, _ = forward_logprobs(model, rollouts.prompts, rollouts.completion_ids,
+                                            rollouts.completion_mask, temperature=temps)
+            rollouts.logps = logps * rollouts.completion_mask
 
         # 3. The tokens the loss counts: not those of completions no reward applied to, nor (with
         #    overlong filtering) those of completions cut at the token budget.
@@ -113,7 +131,6 @@ def _train(cfg: Config, strategy) -> dict:
         done = finished(rollouts.completion_ids, adapter.eos_token_id)
         if alg.overlong_filter:
             mask = mask * done.unsqueeze(1).to(mask)
-        temps = sampling.temperatures(rollouts.completion_ids.shape[1])  # per position with FIRE
 
         # 4. Advantages [N, T]: rewards normalised / clipped (statistics over every rank's batch),
         #    a completion no reward applied to given its group's mean, the KL penalty subtracted
@@ -139,7 +156,7 @@ def _train(cfg: Config, strategy) -> dict:
         #    the first update; the distribution the tokens were drawn from (after top-k / top-p /
         #    penalties, `behaviour_logps`) is then the behaviour policy of the importance weight.
         old_logps = rollouts.logps
-        if alg.tis_cap > 0:
+        if alg.tis_cap > 0 and engine.records_policy_logps:
             with torch.no_grad():
                 old_logps, _ = forward_logprobs(model, rollouts.prompts, rollouts.completion_ids,
                                                 rollouts.completion_mask, temperature=temps)
@@ -147,6 +164,7 @@ def _train(cfg: Config, strategy) -> dict:
                          ref_logps=ref_logps, kl_coef=kl_coef, max_tokens=cfg.rollout.max_new_tokens,
                          micro_batch_groups=cfg.trainer.micro_batch_groups, forward_logprobs=forward_logprobs,
                          pad_id=pad_id)
+        engine.sync(strategy)  # a separate engine gets the updated weights before the next rollout
 
         # 6. Metrics over every rank (counts summed, means averaged), written by rank 0.
         local = {**scored.metrics, "data/skipped_media": skipped_media,
@@ -157,6 +175,7 @@ def _train(cfg: Config, strategy) -> dict:
         row = {"step": step, **reduce_metrics(strategy, local), **sampled,
                "data/filtered_long": train_data.filtered, "data/unsupported": train_data.unsupported,
                "grad_norm": stats["grad_norm"], "loss/skipped_steps": strategy.skipped_steps,
+               **({"time/weight_sync": engine.sync_seconds} if hasattr(engine, "sync_seconds") else {}),
                "time/step": strategy.all_reduce(time.time() - t_step, "max")}
         if alg.kl_target > 0 and ref_model is not None:
             kl_coef = adaptive_kl_coef(kl_coef, row["loss/kl"], target=alg.kl_target, horizon=alg.kl_horizon,

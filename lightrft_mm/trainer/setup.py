@@ -22,7 +22,7 @@ from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported
                                          prompt_token_counter)
 from lightrft_mm.datasets.synthetic import ensure_synthetic
 from lightrft_mm.errors import ConfigError
-from lightrft_mm.models import load_policy
+from lightrft_mm.models import DTYPES, load_policy
 from lightrft_mm.models.trainable import apply_trainable
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.rewards import build_reward_set, check_routing
@@ -43,7 +43,7 @@ class Run:
     model: object
     processor: object
     adapter: object
-    engine: HFRolloutEngine
+    engine: object  # HFRolloutEngine or VLLMRolloutEngine
     ref_model: object
     sampling: SamplingParams
     train_data: PromptLoader
@@ -82,6 +82,11 @@ def build_run(cfg: Config, strategy) -> Run:
     if cfg.data.eval_max_samples:
         eval_samples = eval_samples[:cfg.data.eval_max_samples]
     check_media_kinds(train_data.samples + eval_samples, strategy)
+    if cfg.rollout.engine == "vllm":
+        kinds = {p.type for s in train_data.samples + eval_samples for p in s.media()} - {"image"}
+        if kinds:
+            raise ConfigError(f"rollout.engine=vllm: the data holds {', '.join(sorted(kinds))} parts, which this "
+                              "engine does not send to vLLM yet (text and images it does). Fix: rollout.engine=hf.")
     reward_fns = build_reward_set(cfg.rewards, cfg.scoring)
     unrewarded = check_routing(reward_fns, train_data.samples, eval_samples)
     if unrewarded and strategy.is_main:
@@ -104,13 +109,26 @@ def build_run(cfg: Config, strategy) -> Run:
         torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay))
     if cfg.algorithm.kl_coef > 0 and base_is_reference:
         ref_model = model  # the loop runs it under models.lora.adapters_disabled
-    engine = HFRolloutEngine(model, adapter, share_prefill=t.encode_prompts_once, comm=strategy)
+    engine = make_engine(cfg, model, processor, adapter, strategy, out)
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, first_temperature=r.fire_temperature,
                               repetition_penalty=r.repetition_penalty)
     return Run(out, model, processor, adapter, engine, ref_model, sampling, train_data, eval_samples,
                reward_fns, reward_fns.including(t.accuracy_reward), counts)
+
+
+def make_engine(cfg: Config, model, processor, adapter, strategy, out: Path):
+    """The rollout engine: HF generate on the prepared policy, or a vLLM engine process."""
+    if cfg.rollout.engine == "hf":
+        return HFRolloutEngine(model, adapter, share_prefill=cfg.trainer.encode_prompts_once, comm=strategy)
+    from lightrft_mm.models.lora import lora_config
+    from lightrft_mm.rollout.vllm import start_engine
+
+    lora = lora_config(getattr(model, "module", model))
+    return start_engine(cfg, model, processor, adapter, strategy, folder=out / "vllm-engine", seed=cfg.trainer.seed,
+                        dtype=DTYPES[cfg.model.dtype], model_type=getattr(model, "module", model).config.model_type,
+                        lora_scaling=lora.lora_alpha / lora.r if lora is not None else None)
 
 
 def prepare_output_dir(cfg: Config, comm) -> Path:

@@ -7,7 +7,8 @@ The global batch (4 prompts x 4 completions, completion tokens and rewards drawn
 seed) is the same whatever the world size; rank r takes prompt groups r, r + world, ... as the
 loader does. Each step is the loop's own `optimise` (mini-batches, micro-batches of one group),
 so the losses and gradient norms of a 2-rank run must equal those of one process. Rank 0
-writes {"loss": [...], "grad_norm": [...], "changed": {param: bool}, "changed_fraction": x}.
+writes {"loss": [...], "grad_norm": [...], "changed": {param: bool}, "changed_fraction": x,
+"engine_weights_equal": bool} (the weights streamed to a rollout engine equal the full state dict).
 """
 
 from __future__ import annotations
@@ -78,12 +79,20 @@ def main(out: str, data: str, overrides: list[str]) -> None:
         history["loss"].append(reduce_metrics(strategy, {"loss": stats["loss"]})["loss"])
         history["grad_norm"].append(stats["grad_norm"])
     after = strategy.full_state_dict()
+    streamed = list(strategy.engine_weights())  # what a vLLM engine is sent, one tensor at a time
+    if strategy.is_main:
+        stream_equal = [k for k, _ in streamed] == list(after) and all(
+            torch.equal(v.to(after[k].dtype), after[k]) for k, v in streamed)
+    else:
+        stream_equal = all(v is None for _, v in streamed)
+    stream_equal = strategy.all_reduce(float(stream_equal), "min") > 0
     if strategy.is_main:
         changed = {k: not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before
                    if before[k].is_floating_point()}
         elements = sum(int((before[k] != after[k].to(before[k].dtype)).sum()) for k in changed)
         total = sum(before[k].numel() for k in changed)
-        Path(out).write_text(json.dumps({**history, "changed": changed, "changed_fraction": elements / total}))
+        Path(out).write_text(json.dumps({**history, "changed": changed, "changed_fraction": elements / total,
+                                         "engine_weights_equal": stream_equal}))
     strategy.close()
 
 
