@@ -237,3 +237,6 @@ class HFRolloutEngine:
 
     def close(self) -> None:
         """Nothing to stop."""
+
+    def metrics(self) -> dict:
+        return {}

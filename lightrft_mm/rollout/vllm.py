@@ -218,7 +218,8 @@ class VLLMRolloutEngine:
             requests.append({"prompt_token_ids": compact_prompt(ids, self.placeholder_ids),
                              "images": [_png(im) for im in enc.raw.get("image", [])]})
         self._calls += 1
-        seed = (self.seed * 1_000_003 + self._calls * 10_007) % 2**31
+        rank = self.comm.rank if self.comm is not None else 0
+        seed = (self.seed * 1_000_003 + self._calls * 10_007 + rank * 7_919_993) % 2**31  # GPU engines
         body = {"prompts": requests, "n": n, "suppress": self._suppress, "eos_token_id": self.adapter.eos_token_id,
                 "sampling": {"max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                              "top_p": sampling.top_p, "top_k": sampling.top_k, "greedy": sampling.greedy,
@@ -275,6 +276,10 @@ class VLLMRolloutEngine:
         self._request("POST", "/weights/commit", {"files": files})
         self.sync_seconds = time.time() - t
         strategy.barrier()
+
+    def metrics(self) -> dict:
+        """Logged every step: seconds the last weight sync took (main rank)."""
+        return {"time/weight_sync": self.sync_seconds}
 
     def sleep(self) -> None:
         """Free the engine's memory for training (colocate with rollout.vllm.sleep, GPU)."""

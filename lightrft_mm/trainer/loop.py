@@ -175,7 +175,7 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
         row = {"step": step, **reduce_metrics(strategy, local), **sampled,
                "data/filtered_long": train_data.filtered, "data/unsupported": train_data.unsupported,
                "grad_norm": stats["grad_norm"], "loss/skipped_steps": strategy.skipped_steps,
-               **({"time/weight_sync": engine.sync_seconds} if hasattr(engine, "sync_seconds") else {}),
+               **engine.metrics(),
                "time/step": strategy.all_reduce(time.time() - t_step, "max")}
         if alg.kl_target > 0 and ref_model is not None:
             kl_coef = adaptive_kl_coef(kl_coef, row["loss/kl"], target=alg.kl_target, horizon=alg.kl_horizon,
