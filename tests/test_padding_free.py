@@ -65,7 +65,10 @@ def test_packed_forward_equals_the_padded_one(family, share, media, attn="sdpa")
     assert (ent_p - ent)[real].abs().max().item() <= 1e-5
     assert grads.keys() == grads_p.keys()
     for name in grads:
-        torch.testing.assert_close(grads_p[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 sums in another order: measured up to 3.6e-6 on one element of a gradient whose
+        # largest is 4.1 (LLaVA-NeXT), so the absolute tolerance follows the gradient's scale.
+        scale = max(1.0, grads[name].abs().max().item())
+        torch.testing.assert_close(grads_p[name], grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
     # The padded forward runs every row at full width; the packed one only the real tokens.
     assert tokens == ids.shape[0] * (prompts.input_ids.shape[1] + ids.shape[1])
     assert tokens_p == int(prompts.attention_mask.sum()) + int(mask.sum()) < tokens
