@@ -345,6 +345,8 @@ def start_engine(cfg, model, processor, adapter, strategy, *, folder: Path, seed
         _wait_ready(engine, process, folder)
     strategy.barrier()
     engine.health()
+    if v.mode == "server":  # a colocated engine started from the prepared policy's weights already
+        engine.sync(strategy)
     return engine
 
 
@@ -376,9 +378,9 @@ def _launch(python: str, folder: Path, port: int, v, seed: int, dtype: torch.dty
         cmd.append("--sleep")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p)
-    log_file = open(folder / "engine.log", "w")
     log.info("starting the vLLM engine: %s (log: %s)", " ".join(cmd), folder / "engine.log")
-    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(folder / "engine.log", "w") as log_file:  # the engine keeps its own handle
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _wait_ready(engine: VLLMRolloutEngine, process: subprocess.Popen, folder: Path) -> None:

@@ -109,8 +109,7 @@ class Engine:
         for r in results:
             completions = []
             for c in r.outputs:
-                logps = [next(iter(step.values())).logprob if len(step) == 1 else step[t].logprob
-                         for t, step in zip(c.token_ids, c.logprobs)]
+                logps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]  # the sampled token's
                 completions.append({"token_ids": list(c.token_ids), "logprobs": logps})
             outputs.append({"prompt_token_ids": list(r.prompt_token_ids), "completions": completions})
         return {"outputs": outputs}

@@ -85,7 +85,6 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
                                                          rollouts.completion_mask))]
         return samples, rollouts, inputs, score_rewards(reward_fns, inputs, cfg.rollout.n), skipped
 
-    engine.sync(strategy)  # a separate engine samples from the policy as prepared (warm-up, LoRA)
     metrics = open_writer(out / "metrics.jsonl", strategy.is_main)
     trajectories = open_writer(out / "trajectories.jsonl", strategy.is_main and cfg.logging.completions > 0)
     before = run_eval()
