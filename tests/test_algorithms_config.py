@@ -129,9 +129,17 @@ def test_incoherent_settings_are_errors(overrides, field, word):
 
 
 def test_fire_temperature_near_zero_is_an_error():
-    (problem,) = _problems("rollout.fire_temperature=1e-5")
+    (problem,) = _problems("rollout.fire_temperature=1e-5", "rollout.fire_top_k=20")
     assert problem.startswith("rollout.fire_temperature:") and "Fix" in problem
-    assert load_config(None, ["rollout.fire_temperature=2.5"]).rollout.fire_temperature == 2.5
+    assert load_config(None, ["rollout.fire_temperature=2.5", "rollout.fire_top_k=20"]).rollout.fire_top_k == 20
+
+
+def test_fire_needs_a_top_k_and_fire_top_k_needs_fire():
+    (problem,) = _problems("rollout.fire_temperature=5.0")
+    assert problem.startswith("rollout.fire_top_k:") and "whole vocabulary" in problem and "Fix" in problem
+    assert load_config(None, ["rollout.fire_temperature=5.0", "rollout.top_k=50"]).rollout.fire_top_k == 0
+    (problem,) = _problems("rollout.fire_top_k=20")
+    assert problem.startswith("rollout.fire_top_k:") and "FIRE is off" in problem
 
 
 def test_choices_are_checked():

@@ -112,14 +112,15 @@ FLAGS = {
     # With the HF engine the trainer's and the sampler's log-probs agree, so the truncated weight
     # is ~1; a cap below 1 shows that the weight reaches the loss.
     "algorithm.tis_cap=0.5": (),
-    "rollout.fire_temperature=5.0": (),
+    "rollout.fire_temperature=5.0": ("rollout.top_k=50",),
+    "rollout.fire_top_k=3": ("rollout.fire_temperature=5.0", "rollout.top_k=50"),
 }
 
 
 def test_every_algorithm_field_has_a_flag_test():
     tested = {flag.split("=")[0] for flag in FLAGS}
     fields = {f"algorithm.{f.name}" for f in dataclasses.fields(AlgorithmConfig)} - {"algorithm.name"}
-    assert fields | {"rollout.fire_temperature"} == tested
+    assert fields | {"rollout.fire_temperature", "rollout.fire_top_k"} == tested
 
 
 def _signature(steps, out) -> dict[str, float]:
@@ -250,6 +251,18 @@ def test_fire_processor_tempers_only_the_first_new_token():
     torch.testing.assert_close(later, torch.tensor([[8.0, 4.0, -math.inf]]))  # / 0.5, top-2
 
 
+def test_fire_top_k_applies_only_to_the_first_new_token():
+    proc = _Warp(prompt_len=3, first=1.0, rest=1.0, top_k=0, top_p=1.0, first_top_k=1)
+    scores = torch.tensor([[4.0, 2.0, 1.0]])
+    torch.testing.assert_close(proc(torch.zeros(1, 3, dtype=torch.long), scores.clone()),
+                               torch.tensor([[4.0, -math.inf, -math.inf]]))
+    torch.testing.assert_close(proc(torch.zeros(1, 4, dtype=torch.long), scores.clone()), scores)
+    # 0 = the run's top-k at the first token too.
+    proc = _Warp(prompt_len=3, first=1.0, rest=1.0, top_k=2, top_p=1.0)
+    torch.testing.assert_close(proc(torch.zeros(1, 3, dtype=torch.long), scores.clone()),
+                               torch.tensor([[4.0, 2.0, -math.inf]]))
+
+
 def test_sampling_params_temperatures():
     assert SamplingParams(temperature=0.7).temperatures(3) == 0.7
     assert SamplingParams(temperature=0.7, first_temperature=2.0, greedy=True).temperatures(3) == 1.0
@@ -283,6 +296,12 @@ def test_fire_draws_the_first_token_hot_and_the_rest_cold(tiny_engine, image_sam
     for row in fire.completion_ids.tolist():
         by_first.setdefault(row[0], set()).add(tuple(row[1:]))
     assert all(len(rest) == 1 for rest in by_first.values())
+    # With fire_top_k the hot draw is among the k likeliest first tokens: near-uniform over 3.
+    torch.manual_seed(0)
+    top3 = engine.generate(prompts, 16, SamplingParams(max_new_tokens=2, temperature=1e-3, first_temperature=1e3,
+                                                       first_top_k=3))
+    assert len(set(top3.completion_ids[:, 0].tolist())) <= 3
+    torch.testing.assert_close(top3.sample_logps[:, 0], torch.full((16,), -math.log(3)), atol=1e-2, rtol=0)
 
 
 def test_fire_log_probs_match_the_trainer_per_position(tiny_engine, image_samples):

@@ -21,7 +21,8 @@ from lightrft_mm.rollout.hf import SamplingParams
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["rollout.engine=vllm", "rollout.fire_temperature=2.0"], "rollout.fire_temperature: vLLM samples"),
+    (["rollout.engine=vllm", "rollout.fire_temperature=2.0", "rollout.fire_top_k=20"],
+     "rollout.fire_temperature: vLLM samples"),
     (["rollout.engine=vllm", "rollout.vllm.mode=server"], "rollout.vllm.url: '' is not an http"),
     (["rollout.engine=vllm", "rollout.vllm.url=http://x:1"], "rollout.vllm.url: only for mode=server"),
     (["rollout.vllm.timeout_s=5"], "rollout.vllm.timeout_s: set, but rollout.engine is hf"),

@@ -140,6 +140,9 @@ class RolloutConfig:
     fire_temperature: float = opt(0.0, "FIRE sampling: the first completion token is drawn at this temperature, "
                                   "the rest at rollout.temperature; log-probs (sampling, old, reference) use the "
                                   "same per-position temperatures. 0 = off.", low=0.0)
+    fire_top_k: int = opt(0, "FIRE sampling: the hot first token is drawn among the k most likely tokens (0 = "
+                          "rollout.top_k). FIRE pairs its high temperature with top-k; without either, validate "
+                          "refuses it (a near-uniform draw over the whole vocabulary).", low=0)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -256,6 +259,14 @@ class AlgorithmConfig:
         if 0 < cfg.rollout.fire_temperature < 1e-3:
             found.append(f"rollout.fire_temperature: {cfg.rollout.fire_temperature!r} is too close to 0. Fix: "
                          "0 (off) or a temperature >= 1e-3, e.g. 2.0.")
+        r = cfg.rollout
+        if r.fire_temperature > 0 and not (r.fire_top_k or r.top_k):
+            found.append(f"rollout.fire_top_k: FIRE (rollout.fire_temperature={r.fire_temperature!r}) would draw "
+                         "the first token from the whole vocabulary, nearly uniformly. Fix: set rollout.fire_top_k "
+                         "(the first token's candidates, e.g. 20) or rollout.top_k.")
+        if r.fire_top_k and r.fire_temperature <= 0:
+            found.append(f"rollout.fire_top_k: {r.fire_top_k} is set but FIRE is off. Fix: set "
+                         "rollout.fire_temperature (e.g. 5.0), or remove rollout.fire_top_k.")
         return found
 
 

@@ -30,6 +30,7 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     first_temperature: float = 0.0
+    first_top_k: int = 0
     repetition_penalty: float = 1.0
 
     def temperatures(self, length: int) -> float | torch.Tensor:
@@ -110,17 +111,22 @@ def _neutral_generation_config(model):
 
 
 class _Warp(LogitsProcessor):
-    """The sampling warpers, in `generate`'s order: temperature (`first` at the first new token,
-    FIRE; `rest` after), then top-k and top-p on the tempered scores."""
+    """The sampling warpers, in `generate`'s order: temperature, then top-k and top-p on the
+    tempered scores. At the first new token (FIRE) the temperature is `first` and the top-k
+    `first_top_k` (0 = `top_k`); after it `rest` and `top_k`."""
 
-    def __init__(self, prompt_len: int, first: float, rest: float, top_k: int, top_p: float):
+    def __init__(self, prompt_len: int, first: float, rest: float, top_k: int, top_p: float,
+                 first_top_k: int = 0):
         self.prompt_len, self.first, self.rest = prompt_len, first, rest
-        self.warpers = ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + (
-            [TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        top_p_warp = [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        self.warpers = ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + top_p_warp
+        k = first_top_k or top_k
+        self.first_warpers = ([TopKLogitsWarper(k)] if k > 0 else []) + top_p_warp
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores / (self.first if input_ids.shape[1] == self.prompt_len else self.rest)
-        for warp in self.warpers:
+        first = input_ids.shape[1] == self.prompt_len
+        scores = scores / (self.first if first else self.rest)
+        for warp in self.first_warpers if first else self.warpers:
             scores = warp(input_ids, scores)
         return scores
 
@@ -203,7 +209,7 @@ class HFRolloutEngine:
             kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
             first = sampling.first_temperature if sampling.first_temperature > 0 else sampling.temperature
             processors.insert(0, _Warp(batch.input_ids.shape[1], first, sampling.temperature, sampling.top_k,
-                                       sampling.top_p))
+                                       sampling.top_p, sampling.first_top_k))
         share = self.share_prefill and can_prefill_once(prompts, n)
         if self.comm is not None:
             share = self.comm.all_reduce(float(share), "min") > 0

@@ -112,7 +112,7 @@ def build_run(cfg: Config, strategy) -> Run:
     engine = make_engine(cfg, model, processor, adapter, strategy, out)
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, first_temperature=r.fire_temperature,
+                              top_k=r.top_k, first_temperature=r.fire_temperature, first_top_k=r.fire_top_k,
                               repetition_penalty=r.repetition_penalty)
     return Run(out, model, processor, adapter, engine, ref_model, sampling, train_data, eval_samples,
                reward_fns, reward_fns.including(t.accuracy_reward), counts)
