@@ -7,9 +7,11 @@ Sources:
                                          folder: flat columns (--map), LLaVA `conversations`
                                          or chat `messages` (--layout)
 
-Every row is validated (schema, media decode, placeholders, answer); bad rows go to
-DIR/rejects.jsonl with the row, reason, field and fix. DIR gets shard-*.jsonl, media/ and a
-manifest.json; an existing DIR is only replaced with --overwrite.
+Every row is validated (schema, media decode, placeholders, answer, media inside the media
+root, UTF-8 text); bad rows go to DIR/rejects.jsonl with the row, reason, field and fix. DIR
+gets shard-*.jsonl, media/ and a manifest.json; an existing DIR is only replaced with
+--overwrite. When every row is rejected, DIR holds only rejects.jsonl (an earlier output in DIR
+is kept, and the rejects go to DIR.rejects.jsonl beside it) and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--layout", default="auto", choices=LAYOUTS,
                         help="row layout of a file source (auto: per row, by its columns)")
     parser.add_argument("--media-root", help="folder that relative media paths are taken from "
-                        "(default: the source file's folder)")
+                        "(default: the source file's folder); media must lie inside it")
+    parser.add_argument("--allow-outside-media", action="store_true",
+                        help="accept media paths that resolve (symlinks followed) outside the media root: "
+                        "absolute paths, ../ paths and links out (rejected as media_outside_root by default)")
     parser.add_argument("--source-name", help="the samples' `source` field (default: the file's stem)")
     parser.add_argument("--n", type=int, default=1000, help="samples to generate (synthetic)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (synthetic)")
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     source.require_answer = not args.allow_missing_answer
     report = prepare(source, args.out, PrepareOptions(
         limit=args.limit, num_workers=args.num_workers, overwrite=args.overwrite,
-        shard_size=args.shard_size, progress=False if args.no_progress else None, model=args.model))
+        shard_size=args.shard_size, progress=False if args.no_progress else None, model=args.model,
+        allow_outside_media=args.allow_outside_media))
     print(summary_table(report, source=source.spec, model=args.model))
     print(f"prepare: wrote {report.written} samples to {args.out}")
     return 0

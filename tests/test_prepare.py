@@ -110,12 +110,20 @@ def test_bad_rows_go_to_rejects_with_row_reason_and_field(media, tmp_path, capsy
     assert [s.id for s in load_samples([tmp_path / "lax"])] == ["a", "f", "j"]
 
 
-def test_all_rows_rejected_is_an_error_and_writes_nothing(media, tmp_path, capsys):
+def test_all_rows_rejected_is_an_error_that_keeps_only_the_rejects(media, tmp_path, capsys):
     src = _write_jsonl(tmp_path / "rows.jsonl", [{"question": "q", "answer": "a"}] * 3)
-    assert _prepare(src, "--out", tmp_path / "out") == 1
+    out = tmp_path / "out"
+    assert _prepare(src, "--out", out) == 1
     err = capsys.readouterr().err
     assert "all 3 rows were rejected" in err and "--map prompt=<column>" in err
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert f"Every reject (row, reason, field, fix) is in {out / 'rejects.jsonl'}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl"] and not list(tmp_path.glob(".out.tmp-*"))
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"]) for r in rejects] == [(0, "missing_field"), (1, "missing_field"),
+                                                          (2, "missing_field")]
+    # A folder holding only a failed run's rejects is replaced by the next run (no --overwrite).
+    assert _prepare(src, "--out", out, "--map", "prompt=question") == 0
+    assert len(load_samples([out])) == 3
 
 
 def test_csv_json_and_parquet_tables(media, tmp_path):
@@ -249,6 +257,9 @@ def test_existing_output_is_left_untouched_without_overwrite(media, tmp_path, ca
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"nothing": 1}])
     assert _prepare(bad, "--out", out, "--overwrite") == 1
     assert _tree(out) == before
+    beside = tmp_path / "out.rejects.jsonl"  # the failed run's rejects, next to the kept output
+    assert str(beside) in capsys.readouterr().err
+    assert json.loads(beside.read_text())["reason"] == "missing_field"
     assert _prepare(src, "--out", out, "--media-root", media, "--limit", "2", "--overwrite") == 0
     assert json.loads((out / "manifest.json").read_text())["counts"]["read"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

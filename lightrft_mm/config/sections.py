@@ -77,6 +77,10 @@ class DataConfig:
     system_prompt: str = opt("", "System message added to samples that have none (empty = none).")
     on_media_error: str = opt("skip", "A training sample whose media fails to decode: skip it (counted "
                               "in data/skipped_media) or fail the run.", choices=("skip", "fail"))
+    allow_outside_media: bool = opt(False, "Accept shard rows whose media files resolve (symlinks followed) "
+                                    "outside their shard's folder. Off by default, so that shards from "
+                                    "someone else cannot make training read, or a remote reward send out, "
+                                    "other files of this machine; turn on only for shards you trust.")
 
 
 @dataclass(frozen=True)

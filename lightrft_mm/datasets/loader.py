@@ -8,17 +8,23 @@ a resumed run continues with exactly the batches that would have come next.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from lightrft_mm.datasets.media import resolves_inside
+from lightrft_mm.datasets.readers import jsonl_lines
 from lightrft_mm.errors import DataError, MediaError
-from lightrft_mm.schema import Sample, read_jsonl, resolve_media
+from lightrft_mm.schema import MEDIA_TYPES, Sample, resolve_media
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_URL = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*://|data:)")  # not a file: left as it is
 
 
 def shard_files(path: str | Path) -> list[Path]:
@@ -36,13 +42,72 @@ def shard_files(path: str | Path) -> list[Path]:
                     f"create it with `python -m lightrft_mm.prepare SOURCE --out {p}`.")
 
 
-def load_samples(paths: Sequence[str | Path]) -> list[Sample]:
-    """All Samples of the given shard folders/files, media paths made absolute."""
+def load_samples(paths: Sequence[str | Path], *, allow_outside_media: bool = False) -> list[Sample]:
+    """All Samples of the given shard folders/files, media paths made absolute.
+
+    Args:
+        paths: Shard folders or .jsonl files.
+        allow_outside_media: Accept media files that resolve (symlinks followed) outside the
+            shard's folder (``data.allow_outside_media``).
+
+    Raises:
+        DataError: Like any bad row (a line that is not UTF-8 or not JSON, a schema error), a
+            media path outside the shard's folder stops the load, naming file, line and fix.
+    """
     samples = []
     for path in paths:
         for f in shard_files(path):
-            samples.extend(resolve_media(s, f.parent) for s in read_jsonl(f))
+            for line, sample in read_shard(f):
+                if not allow_outside_media:
+                    check_media_inside(sample, f, line)
+                samples.append(resolve_media(sample, f.parent))
     return samples
+
+
+def read_shard(path: Path) -> Iterator[tuple[int, Sample]]:
+    """``(line number, Sample)`` of each row of a JSONL shard, blank lines skipped.
+
+    Each line is decoded as UTF-8 on its own, so a bad byte is reported with its line and offset.
+
+    Raises:
+        DataError: Naming the file and 1-based line: bytes that are not UTF-8, a line that is
+            not JSON, or a row that breaks the schema.
+    """
+    for i, text, bad in jsonl_lines(path):
+        if bad is not None:
+            raise DataError(f"{path} line {i}: {bad}. Fix: save the shard as UTF-8 (prepare writes "
+                            "UTF-8; prepare the data again), or correct or delete the line.")
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {i}: not valid JSON ({exc.msg} at column "
+                            f"{exc.colno}); each line must hold one JSON object") from exc
+        yield i, Sample.from_dict(row, where=f"{path} row {i}")
+
+
+def check_media_inside(sample: Sample, shard: Path, line: int) -> None:
+    """Refuse a media file of ``sample`` that resolves (symlinks followed) outside ``shard``'s folder.
+
+    URLs and ``data:`` URIs are not files and are left as they are.
+
+    Raises:
+        DataError: Naming the shard file, line, sample id, field, path and the fix.
+    """
+    folder = shard.parent
+    for m, message in enumerate(sample.messages):
+        for k, part in enumerate(message.content):
+            path = part.path if part.type in MEDIA_TYPES else None
+            if not path or _URL.match(path):
+                continue
+            full = Path(path) if os.path.isabs(path) else folder / path
+            if not resolves_inside(full, folder):
+                raise DataError(
+                    f"{shard} line {line} (id {sample.id!r}), messages[{m}].content[{k}].{part.type}: "
+                    f"{part.type} path {path!r} resolves to {full.resolve()}, outside the shard folder "
+                    f"{folder.resolve()}. Shards are read with media from inside their folder only, so "
+                    "that shards from elsewhere cannot make training read (or a remote reward send out) "
+                    "other files. Fix: prepare the data again (prepare copies media into the folder), "
+                    "or set data.allow_outside_media=true for shards you trust.")
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -149,9 +214,11 @@ class PromptLoader:
     def from_paths(cls, paths: Sequence[str | Path], *, batch_size: int, seed: int = 0,
                    weights: Sequence[float] | None = None, max_prompt_tokens: int = 0,
                    token_len: Callable[[Sample], int] | None = None, rank: int | None = None,
-                   world_size: int | None = None, modalities: frozenset[str] | None = None) -> "PromptLoader":
+                   world_size: int | None = None, modalities: frozenset[str] | None = None,
+                   allow_outside_media: bool = False) -> "PromptLoader":
         """Load prepared folders (one source each) and drop prompts over ``max_prompt_tokens``
         and, given ``modalities`` (the adapter's), samples with media kinds the model cannot take.
+        ``allow_outside_media``: see `load_samples`.
 
         Raises:
             DataError: No paths, weights that do not match them, a folder left empty by the
@@ -161,7 +228,8 @@ class PromptLoader:
             raise DataError("no training samples: data.train is empty. Fix: list prepared shard "
                             "folders, e.g. data.train=[data/geo3k-train].")
         _check_weights(weights, len(paths))  # before the (slow) loading
-        sources, filtered, unsupported = [load_samples([p]) for p in paths], 0, 0
+        sources = [load_samples([p], allow_outside_media=allow_outside_media) for p in paths]
+        filtered, unsupported = 0, 0
         if modalities is not None:
             for i, (path, samples) in enumerate(zip(paths, sources)):
                 sources[i], dropped = drop_unsupported(samples, modalities, where=str(path))
@@ -189,11 +257,12 @@ class PromptLoader:
     def from_config(cls, data_cfg, *, seed: int, token_len: Callable[[Sample], int] | None = None,
                     rank: int | None = None, world_size: int | None = None,
                     modalities: frozenset[str] | None = None, batch_size: int | None = None) -> "PromptLoader":
-        """The training loader of a `DataConfig` (train, batch_size, weights, max_prompt_tokens);
-        `batch_size` (per rank) defaults to data.batch_size."""
+        """The training loader of a `DataConfig` (train, batch_size, weights, max_prompt_tokens,
+        allow_outside_media); `batch_size` (per rank) defaults to data.batch_size."""
         return cls.from_paths(data_cfg.train, batch_size=batch_size or data_cfg.batch_size, seed=seed,
                               weights=data_cfg.weights or None, max_prompt_tokens=data_cfg.max_prompt_tokens,
-                              token_len=token_len, rank=rank, world_size=world_size, modalities=modalities)
+                              token_len=token_len, rank=rank, world_size=world_size, modalities=modalities,
+                              allow_outside_media=data_cfg.allow_outside_media)
 
     @property
     def samples(self) -> list[Sample]:

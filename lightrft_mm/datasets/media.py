@@ -37,6 +37,8 @@ class MediaItem:
         path: Absolute path of a file holding it, or None when ``data`` is given.
         in_place: The file is already inside the output folder (synthetic generators).
         ext: File extension of the written copy, with its dot; found by ``check``.
+        ref: The path as the source row wrote it (for messages), when ``path`` is set.
+        root: The data root the file must lie under: the folder relative paths are taken from.
     """
 
     kind: str
@@ -45,6 +47,8 @@ class MediaItem:
     path: str | None = None
     in_place: bool = False
     ext: str = ""
+    ref: str | None = None
+    root: str | None = None
 
     @property
     def size(self) -> int:
@@ -85,7 +89,8 @@ def media_from_value(value: Any, kind: str, field: str, root: Path | None) -> li
     if not isinstance(value, str) or not value.strip():
         raise MediaError(f"{field}: {value!r} is not a {kind} path, a list of paths or a "
                          "{bytes, path} struct. Fix: map a column that holds the media.")
-    return [MediaItem(kind, field, path=resolve_path(value, kind, field, root))]
+    base = str((root or Path.cwd()).absolute())
+    return [MediaItem(kind, field, path=resolve_path(value, kind, field, root), ref=value, root=base)]
 
 
 def resolve_path(value: str, kind: str, field: str, root: Path | None) -> str:
@@ -97,6 +102,25 @@ def resolve_path(value: str, kind: str, field: str, root: Path | None) -> str:
     if not path.is_absolute():
         path = (root or Path.cwd()) / path
     return str(path.absolute())
+
+
+def resolves_inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path``, with every symlink followed (``Path.resolve``), lies under ``root``."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: nothing can be read there anyway
+        return True
+
+
+def outside_root_message(item: MediaItem, where: str) -> str | None:
+    """Why a file item lies outside its data root (None when it does not, or holds bytes)."""
+    if item.path is None or item.root is None or resolves_inside(item.path, item.root):
+        return None
+    return (f"{where}, {item.field}: {item.kind} path {item.ref!r} resolves to {Path(item.path).resolve()}, "
+            f"outside the data root {Path(item.root).resolve()} (the folder relative media paths are taken "
+            "from). Media outside the data root is refused, so that a dataset cannot pull other files "
+            "into the shards. Fix: move the file under the data root (or point --media-root at a folder "
+            "that holds it), or pass --allow-outside-media if you trust this source.")
 
 
 def check(item: MediaItem, *, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lightrft_mm.datasets.convert import SLOT, Reject
 from lightrft_mm.datasets.loader import MANIFEST
-from lightrft_mm.datasets.media import DEFAULT_MAX_PIXELS, MediaItem, check
+from lightrft_mm.datasets.media import DEFAULT_MAX_PIXELS, MediaItem, check, outside_root_message
 from lightrft_mm.datasets.readers import RawRow
 from lightrft_mm.datasets.sources import Source
 from lightrft_mm.errors import DataError, MediaError
@@ -35,6 +35,9 @@ SCHEMA_VERSION = 1
 REJECTS = "rejects.jsonl"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _WINDOW = 512  # rows handed to the worker pool at a time
+_UNREADABLE_FIX = {"bad_json": "correct or delete the line.",
+                   "bad_encoding": "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT` when "
+                                   "it is Latin-1), or correct or delete the row."}
 
 
 @dataclass
@@ -48,6 +51,7 @@ class PrepareOptions:
     progress: bool | None = None  # None: only when stderr is a terminal
     max_pixels: int = DEFAULT_MAX_PIXELS
     model: str | None = None
+    allow_outside_media: bool = False
 
 
 @dataclass
@@ -70,7 +74,8 @@ def prepare(source: Source, out: str | Path, opts: PrepareOptions) -> Report:
 
     Raises:
         DataError: ``out`` exists and is not replaceable (no ``--overwrite``, or not a prepare
-            output), or no row survived validation; ``out`` is left untouched then.
+            output); ``out`` is left untouched then. Or no row survived validation: the
+            rejects are kept (see `_keep_rejects`) and the message says where.
     """
     out = Path(out)
     check_out(out, opts.overwrite)
@@ -87,7 +92,10 @@ def prepare(source: Source, out: str | Path, opts: PrepareOptions) -> Report:
         report = Report(out)
         shards = _write(source, tmp, opts, report)
         if report.written == 0:
-            raise DataError(_nothing_written(source, tmp, report))
+            message = _nothing_written(source, tmp, report)
+            if report.read:
+                message += f"\nEvery reject (row, reason, field, fix) is in {_keep_rejects(tmp, out)}."
+            raise DataError(message)
         report.seconds = time.perf_counter() - started
         if counter is not None:
             report.token_lengths = prompt_token_lengths(tmp, counter)
@@ -103,13 +111,34 @@ def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that exists, unless it is a prepare output and ``overwrite`` is set."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file. Fix: give a folder path for the shards.")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()) and not _only_rejects(out):
         if not overwrite:
             raise DataError(f"{out} already exists and is not empty. Fix: choose another --out, "
                             "or pass --overwrite to replace it.")
         if not (out / MANIFEST).is_file():
             raise DataError(f"{out} is not a shard folder written by prepare (no {MANIFEST}); "
                             "--overwrite only replaces those. Fix: choose another --out.")
+
+
+def _only_rejects(out: Path) -> bool:
+    """``out`` holds nothing but the rejects of a run that kept no row: the next run replaces it."""
+    return [p.name for p in out.iterdir()] == [REJECTS]
+
+
+def _keep_rejects(tmp: Path, out: Path) -> Path:
+    """Move the rejects of a run that kept no row out of ``tmp``; returns where they went.
+
+    Into ``out`` (which then holds only rejects.jsonl; the loader finds no shard there), or,
+    when ``out`` is an earlier prepare output, beside it as ``<out>.rejects.jsonl``: that output
+    stays untouched.
+    """
+    if (out / MANIFEST).is_file():
+        dest = out.with_name(f"{out.name}.{REJECTS}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / REJECTS
+    os.replace(tmp / REJECTS, dest)
+    return dest
 
 
 def clean_leftovers(out: Path) -> None:
@@ -155,16 +184,20 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def process_row(converter, require_answer: bool, max_pixels: int, raw: RawRow) -> tuple:
+def process_row(converter, require_answer: bool, max_pixels: int, raw: RawRow, *,
+                allow_outside_media: bool = False) -> tuple:
     """Convert and validate one row (runs in a worker).
+
+    Media files that resolve (symlinks followed) outside their data root are rejected
+    (``media_outside_root``) unless ``allow_outside_media``.
 
     Returns:
         ``(raw.index, raw.where, "ok", sample_dict, media)`` or
         ``(raw.index, raw.where, "reject", reason, field, message, row_id)``.
     """
     if raw.data is None:
-        return raw.index, raw.where, "reject", "bad_json", "", f"{raw.where}: {raw.error}. Fix: "\
-            "correct or delete the line.", None
+        return raw.index, raw.where, "reject", raw.reason, "", f"{raw.where}: {raw.error}. Fix: "\
+            f"{_UNREADABLE_FIX.get(raw.reason, _UNREADABLE_FIX['bad_json'])}", None
     item = None
     try:
         converted = converter(raw)
@@ -172,6 +205,11 @@ def process_row(converter, require_answer: bool, max_pixels: int, raw: RawRow) -
             sample = Sample.from_dict(converted.row, where=raw.where)
         except DataError as e:
             raise Reject("schema", _first_field(str(e)), str(e)) from None
+        if not allow_outside_media:  # before anything opens the file
+            for item in converted.media:
+                outside = outside_root_message(item, raw.where)
+                if outside is not None:
+                    raise Reject("media_outside_root", item.field, outside)
         for item in converted.media:
             check(item, where=raw.where, max_pixels=max_pixels)
         if require_answer and sample.answer in (None, ""):
@@ -204,7 +242,8 @@ def _results(source: Source, tmp: Path, opts: PrepareOptions):
     rows, converter = source.open(tmp)
     if opts.limit is not None:
         rows = islice(rows, opts.limit)
-    work = partial(process_row, converter, source.require_answer, opts.max_pixels)
+    work = partial(process_row, converter, source.require_answer, opts.max_pixels,
+                   allow_outside_media=opts.allow_outside_media)
     if opts.num_workers <= 1:
         yield from map(work, rows)
         return

@@ -7,9 +7,11 @@ library is not needed to read a `save_to_disk` folder: its Arrow stream files ar
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +22,7 @@ FORMATS = ("jsonl", "json", "parquet", "csv", "arrow")
 _SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
            ".csv": "csv", ".arrow": "arrow"}
 _BATCH_ROWS = 256
+_ESCAPED = re.compile("[\udc80-\udcff]")  # undecodable bytes, as errors="surrogateescape" keeps them
 
 
 @dataclass
@@ -31,12 +34,15 @@ class RawRow:
         where: File and row inside it, for messages (``train-00000.parquet row 17``).
         data: The row as a dict, or None when it could not be parsed.
         error: Why it could not be parsed (a jsonl line that is not JSON).
+        reason: The reject reason of a row that could not be parsed: ``bad_json``, or
+            ``bad_encoding`` for bytes that are not UTF-8.
     """
 
     index: int
     where: str
     data: dict | None
     error: str | None = None
+    reason: str = "bad_json"
 
 
 @dataclass
@@ -52,8 +58,8 @@ class Table:
         """Yields every row of every file, numbered from 0."""
         index = 0
         for f in self.files:
-            for where, data, error in _READERS[self.fmt](f):
-                yield RawRow(index, where, data, error)
+            for where, data, error, *reason in _READERS[self.fmt](f):
+                yield RawRow(index, where, data, error, *reason)
                 index += 1
 
     def fingerprint(self) -> str:
@@ -136,26 +142,76 @@ def _with_total(table: Table) -> Table:
     return table
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, Any, str | None]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """``(line number, text, None)`` or ``(line number, None, why)`` of each non-blank line.
+
+    The file is read as bytes and each line decoded as UTF-8 on its own (a BOM at the start is
+    dropped): a line holding bytes that are not UTF-8 is reported, with the byte's offset in the
+    file, and the lines around it are still read. No character is ever replaced.
+    """
+    offset = 0
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if i == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            if not raw.strip():
                 continue
-            where = f"{path.name} line {i}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, None, f"not valid JSON ({e.msg} at column {e.colno})"
-                continue
-            if isinstance(row, dict):
-                yield where, row, None
-            else:
-                yield where, None, f"a row must be a JSON object, got {type(row).__name__}"
+                yield i, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield i, None, (f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {start + e.start} "
+                                f"of the file (column {e.start + 1} of the line)")
 
 
-def _json(path: Path) -> Iterator[tuple[str, Any, str | None]]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+def _jsonl(path: Path) -> Iterator[tuple]:
+    for i, line, bad in jsonl_lines(path):
+        where = f"{path.name} line {i}"
+        if bad is not None:
+            yield where, None, bad, "bad_encoding"
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, None, f"not valid JSON ({e.msg} at column {e.colno})"
+            continue
+        if isinstance(row, dict):
+            yield where, row, None
+        else:
+            yield where, None, f"a row must be a JSON object, got {type(row).__name__}"
+
+
+def _undecoded(value: Any, at: str = "") -> tuple[str, bytes] | None:
+    """``(field, bytes)`` of the first text in ``value`` holding bytes that are not UTF-8.
+
+    Such bytes come from reading with ``errors="surrogateescape"``: each one is kept as a lone
+    surrogate (U+DC80..U+DCFF), so it can be found here instead of being replaced.
+    """
+    if isinstance(value, str):
+        found = _ESCAPED.findall(value)
+        return (at, bytes(ord(c) - 0xDC00 for c in found)) if found else None
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        name = f"{at}[{key}]" if isinstance(key, int) else f"{at}.{key}" if at else str(key)
+        hit = (_undecoded(key, name) if isinstance(key, str) else None) or _undecoded(child, name)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _encoding_problem(row: Any) -> str | None:
+    """Why a row read with surrogate escapes is not UTF-8 text (None when it is)."""
+    hit = _undecoded(row)
+    if hit is None:
+        return None
+    at, raw = hit
+    return (f"{at or 'a value'} holds bytes that are not UTF-8 ({', '.join(f'0x{b:02x}' for b in raw[:4])}); "
+            "the file is not UTF-8 text")
+
+
+def _json(path: Path) -> Iterator[tuple]:
+    try:  # surrogate escapes keep undecodable bytes findable: the rows around them survive
+        rows = json.loads(path.read_text(encoding="utf-8-sig", errors="surrogateescape"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}). "
                         "Fix: a .json source holds one list of row objects (or use .jsonl).") from None
@@ -166,16 +222,23 @@ def _json(path: Path) -> Iterator[tuple[str, Any, str | None]]:
                         "list of row objects. Fix: write [{...}, {...}] (or use .jsonl).")
     for i, row in enumerate(rows):
         where = f"{path.name} row {i}"
-        if isinstance(row, dict):
+        bad = _encoding_problem(row)
+        if bad is not None:
+            yield where, None, bad, "bad_encoding"
+        elif isinstance(row, dict):
             yield where, row, None
         else:
             yield where, None, f"a row must be a JSON object, got {type(row).__name__}"
 
 
-def _csv(path: Path) -> Iterator[tuple[str, Any, str | None]]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
+def _csv(path: Path) -> Iterator[tuple]:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         for i, row in enumerate(csv.DictReader(f)):
-            yield f"{path.name} row {i}", {k: _csv_value(v) for k, v in row.items()}, None
+            bad = _encoding_problem(row)
+            if bad is not None:
+                yield f"{path.name} row {i}", None, bad, "bad_encoding"
+            else:
+                yield f"{path.name} row {i}", {k: _csv_value(v) for k, v in row.items()}, None
 
 
 def _csv_value(value: str | None) -> Any:
