@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=fmt)
     validate.add_argument("items", nargs="+", metavar="CONFIG.yaml | section.key=value",
                           help="one or more configs, then overrides applied to each")
+    validate.add_argument("--import-plugins", action="store_true",
+                          help="import the reward plugins the configs name (file.py:fn, package.module:fn, entry "
+                               "points), which runs their code, and check their args too; without it they are "
+                               "only located and read")
     demo = sub.add_parser("demo", help="prepare the demo data, train, print the demo line")
     _config_args(demo)
     demo.add_argument("--task", default=None, help="synthetic task of the demo data (default: the recipe's "
@@ -74,18 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
-        from lightrft_mm.config import load_config
-
-        overrides = [x for x in args.items if "=" in x]
-        failed = 0
-        for path in [x for x in args.items if "=" not in x]:
-            try:
-                load_config(path, overrides)
-                print(f"{path}: ok")
-            except LightRFTError as e:
-                print(f"error: {e}", file=sys.stderr)
-                failed += 1
-        return 1 if failed else 0
+        return _validate(args.items, args.import_plugins)
     elif args.command == "train":
         from lightrft_mm.config import load_config
         from lightrft_mm.trainer.loop import train
@@ -115,6 +108,34 @@ def _run(args: argparse.Namespace) -> int:
 
         return rewards(args)
     return 0
+
+
+def _validate(items: list[str], import_plugins: bool) -> int:
+    """Checks each config; reward plugins are only located and read unless `import_plugins`."""
+    from lightrft_mm.config import load_config
+    from lightrft_mm.rewards.scoring import plugin_check
+
+    overrides = [x for x in items if "=" in x]
+    failed = 0
+    for path in [x for x in items if "=" not in x]:
+        with plugin_check(import_plugins) as check:
+            try:
+                load_config(path, overrides)
+                error = None
+            except LightRFTError as e:
+                error = e
+        how = ""
+        if check.names and import_plugins:
+            how = f"reward plugins imported and checked: {', '.join(check.names)}"
+        elif check.names:
+            how = (f"reward plugins checked without importing them: {', '.join(check.names)}; "
+                   "--import-plugins to import them and check their args too")
+        if error is None:
+            print(f"{path}: ok" + (f" ({how})" if how else ""))
+        else:
+            print(f"error: {error}" + (f"\n({how})" if how else ""), file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

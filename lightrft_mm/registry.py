@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from importlib import metadata
@@ -15,6 +17,9 @@ from .errors import RegistryError
 
 _FILE_MODULE_PREFIX = "_lightrft_mm_file_"
 _LAZY = object()  # stands for the object of a lazy registration
+# Passed through when plugin code is imported; anything else it raises (sys.exit() included)
+# becomes a RegistryError naming the plugin.
+_INTERRUPTS = (KeyboardInterrupt, GeneratorExit)
 
 
 def normalize_name(name: str) -> str:
@@ -160,7 +165,9 @@ class Registry:
         if found:
             try:
                 return found[0].load()
-            except Exception as exc:
+            except _INTERRUPTS:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - sys.exit() in plugin code too
                 raise RegistryError(f"{self.kind} {key!r} from {self._ep_origin(found[0])} failed "
                                     f"to load: {type(exc).__name__}: {exc}") from exc
         raise RegistryError(self._unknown_message(spec))
@@ -184,13 +191,96 @@ class Registry:
         for name in self.names():
             yield name, self.origin(name)
 
+    def is_registered(self, name: str) -> bool:
+        """True for a name registered in this process (decorator or lazy), not an entry point."""
+        return isinstance(name, str) and normalize_name(name) in self._origins
+
+    def locate(self, spec: str) -> str:
+        """Checks what ``get(spec)`` would resolve, without running any plugin code.
+
+        A registered name is known already. ``"file.py:fn"``: the file exists, is valid Python
+        and binds ``fn`` at its top level (a def, class, assignment or import). ``"package.module:attr"``:
+        the module is found (its parent packages are located on their paths, not imported) and,
+        when it is Python source, binds ``attr``. An entry point name: an installed distribution
+        declares it, and its module is found the same way.
+
+        Returns:
+            What ``spec`` is: ``"registered"``, ``"file"``, ``"module"`` or ``"entry point"``.
+
+        Raises:
+            RegistryError: What can be told without importing is wrong (the message names the
+                file or module and the fix).
+        """
+        if not isinstance(spec, str):
+            raise RegistryError(f"a {self.kind} is named by a string, got {spec!r}")
+        key = normalize_name(spec)
+        if key in self._origins:
+            return "registered"
+        if ".py:" in spec:
+            path_text, _, attr = spec.rpartition(":")
+            path = Path(path_text).expanduser().absolute()
+            if not path.is_file():
+                raise RegistryError(f"{self.kind} file not found: {path_text!r} (looked at {path}); "
+                                    f"relative paths are taken from the working directory")
+            self._check_source(path, attr, spec, f"{path_text!r} ({path})")
+            return "file"
+        if ":" in spec:
+            module_name, _, attr = spec.partition(":")
+            if not module_name or not attr:
+                raise RegistryError(f"{self.kind} spec {spec!r} must look like 'package.module:attr'")
+            self._check_module(module_name, attr, spec)
+            return "module"
+        found = self._entry_points().get(key, [])
+        if len(found) > 1:
+            raise RegistryError(f"{self.kind} {key!r} is ambiguous: entry points "
+                                f"{' and '.join(self._ep_origin(ep) for ep in found)}; "
+                                f"uninstall one of the packages")
+        if not found:
+            raise RegistryError(self._unknown_message(spec))
+        self._check_module(found[0].module, found[0].attr, f"{key!r} ({self._ep_origin(found[0])})")
+        return "entry point"
+
+    def _check_module(self, module_name: str, attr: str | None, target: str) -> None:
+        try:
+            module_spec = _find_spec(module_name)
+        except (ImportError, ValueError) as exc:
+            raise RegistryError(f"{self.kind} target {target!r}: {exc}") from None
+        if module_spec is None:
+            raise RegistryError(f"{self.kind} target {target!r}: no module named {module_name!r} on the "
+                                "import path (located without importing). Fix: install the package that "
+                                "provides it, or run from the folder that holds it")
+        origin = module_spec.origin
+        if attr and isinstance(module_spec.loader, importlib.machinery.SourceFileLoader) and origin:
+            self._check_source(Path(origin), attr, target, f"module {module_name!r} ({origin})")
+
+    def _check_source(self, path: Path, attr: str, target: str, what: str) -> None:
+        """Reads (does not run) the Python file: it parses and binds the first part of ``attr``."""
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except OSError as exc:
+            raise RegistryError(f"{self.kind} {what}: cannot be read: {exc}") from None
+        except (SyntaxError, ValueError) as exc:
+            line = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
+            raise RegistryError(f"{self.kind} {what} is not valid Python: {line}{getattr(exc, 'msg', exc)}. "
+                                "Fix: the syntax error") from None
+        names = _bound_names(tree)
+        if names is None or attr.split(".")[0] in names:
+            return
+        offers = ", ".join(sorted(n for n in names if not n.startswith("_"))) or "(none)"
+        raise RegistryError(f"{target!r}: {what} defines no top-level function, class or variable "
+                            f"{attr.split('.')[0]!r}; it defines: {offers}. Fix: name one of them after "
+                            "the ':' (or, if the name is made while the module runs, check by importing "
+                            "it: lightrft-mm validate --import-plugins)")
+
     def _import_target(self, target: str) -> Any:
         module_name, _, attr = target.partition(":")
         if not module_name or not attr:
             raise RegistryError(f"{self.kind} spec {target!r} must look like 'package.module:attr'")
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:
+        except _INTERRUPTS:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in plugin code too
             raise RegistryError(f"{self.kind} target {target!r} failed to import: "
                                 f"{type(exc).__name__}: {exc}") from exc
         return _get_attr(module, attr, target)
@@ -206,7 +296,9 @@ class Registry:
             return self._import_file(spec)
         try:
             return importlib.import_module(spec)
-        except Exception as exc:
+        except _INTERRUPTS:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in plugin code too
             raise RegistryError(f"{self.kind} plugin module {spec!r} failed to import: "
                                 f"{type(exc).__name__}: {exc}") from exc
 
@@ -228,8 +320,10 @@ class Registry:
             sys.modules[module_name] = module  # dataclasses and pickling look the module up here
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as exc:
+            except BaseException as exc:
                 del sys.modules[module_name]
+                if isinstance(exc, _INTERRUPTS):
+                    raise
                 raise RegistryError(f"{self.kind} file {path_text!r} ({path}) failed to import: "
                                     f"{type(exc).__name__}: {exc}") from exc
         return module
@@ -261,3 +355,61 @@ class Registry:
             text += (f"\nor, from an installed package, declare an entry point in group {group!r} "
                      f"([project.entry-points.\"{group}\"] name = \"package.module:attr\")")
         return text
+
+
+def _find_spec(name: str) -> Any:
+    """The import spec of module ``name``, or None; no module code runs (parent packages are
+    located on their ``__path__``, not imported, unless they are imported already)."""
+    if name in sys.modules:
+        return getattr(sys.modules[name], "__spec__", None) or importlib.machinery.ModuleSpec(name, None)
+    parent, _, _ = name.rpartition(".")
+    if not parent:
+        return importlib.util.find_spec(name)  # a top-level name: the finders look, nothing runs
+    parent_spec = _find_spec(parent)
+    if parent_spec is None:
+        return None
+    if parent in sys.modules:
+        return importlib.util.find_spec(name)  # the parent's code ran already; this runs no more
+    locations = parent_spec.submodule_search_locations
+    if locations is None:
+        raise ImportError(f"{parent!r} is a module, not a package, so it has no submodule {name!r}")
+    return importlib.machinery.PathFinder.find_spec(name, list(locations))
+
+
+def _stored(*targets: ast.AST) -> set[str]:
+    """The plain names an assignment's targets bind (``a, b = ...``; not ``a.x = ...``)."""
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+_BLOCKS = (ast.If, ast.Try, getattr(ast, "TryStar", ast.Try), ast.With, ast.For, ast.While)
+
+
+def _bound_names(tree: ast.Module) -> set[str] | None:
+    """The names a module's top level binds, or None where that cannot be told from the source
+    (``from x import *`` or a module ``__getattr__``)."""
+    names: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> bool:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    if alias.name == "*":
+                        return False
+                    names.add(alias.asname or alias.name.split(".")[0])
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(_stored(*targets))
+            elif isinstance(node, _BLOCKS):
+                if isinstance(node, ast.For):
+                    names.update(_stored(node.target))
+                blocks = [node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])]
+                blocks += [h.body for h in getattr(node, "handlers", [])]
+                if not all(visit(block) for block in blocks):
+                    return False
+        return True
+
+    if not visit(tree.body) or "__getattr__" in names:
+        return None
+    return names

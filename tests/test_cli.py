@@ -147,3 +147,62 @@ def test_no_command_is_a_usage_error(capsys):
         main([])
     assert exc.value.code == 2
     assert "usage: lightrft-mm" in capsys.readouterr().err
+
+
+# --- validate runs no plugin code unless --import-plugins ---------------------------------------
+
+def _marking_plugin(path: Path, marker: Path) -> Path:
+    """A reward plugin whose module code leaves `marker` behind when it runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n\n"
+                    "def fn(inputs):\n    return [1.0] * len(inputs)\n")
+    return path
+
+
+def test_validate_reads_a_file_plugin_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "ran.txt"
+    plugin = _marking_plugin(tmp_path / "plug.py", marker)
+    good, wrong = tmp_path / "good.yaml", tmp_path / "wrong.yaml"
+    good.write_text(f"rewards: [{{name: '{plugin}:fn', args: {{unchecked: 1}}}}]\n")
+    wrong.write_text(f"rewards: [{{name: '{plugin}:fm'}}]\n")
+    assert main(["validate", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert not marker.exists()
+    assert out.startswith(f"{good}: ok (reward plugins checked without importing them: {plugin}:fn;")
+    assert "--import-plugins" in out
+    assert main(["validate", str(wrong)]) == 1
+    err = capsys.readouterr().err
+    assert "rewards[0].name" in err and str(plugin) in err and "'fm'" in err
+    assert "it defines: Path, fn" in err
+    assert "Fix: name one of them" in err and not marker.exists()
+    assert main(["validate", "--import-plugins", str(good)]) == 1  # imported: its args are checked too
+    assert marker.read_text() == "ran" and "takes no args (got ['unchecked'])" in capsys.readouterr().err
+    marker.unlink()
+    good.write_text(f"rewards: [{{name: '{plugin}:fn'}}]\n")
+    assert main(["validate", "--import-plugins", str(good)]) == 0
+    assert f"reward plugins imported and checked: {plugin}:fn" in capsys.readouterr().out
+
+
+def test_validate_locates_modules_and_entry_points_without_importing(
+        tmp_path, monkeypatch, capsys, installed_reward_plugin):
+    marker = tmp_path / "ran.txt"
+    _marking_plugin(tmp_path / "lrmm_vpkg" / "__init__.py", marker)
+    _marking_plugin(tmp_path / "lrmm_vpkg" / "sub.py", marker)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"rewards: [{{name: 'lrmm_vpkg.sub:fn'}}, {installed_reward_plugin}]\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewards: [{name: 'lrmm_vpkg.nope:fn'}, {name: 'lrmm_vpkg.sub:nope'}]\n")
+    try:
+        assert main(["validate", str(cfg)]) == 0
+        assert "checked without importing them: lrmm_vpkg.sub:fn, politeness;" in capsys.readouterr().out
+        assert main(["validate", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert "no module named 'lrmm_vpkg.nope'" in err and "'nope'; it defines: Path, fn" in err
+        assert not marker.exists() and "lrmm_vpkg" not in sys.modules and "lrmm_plugin_mod" not in sys.modules
+        assert main(["validate", "--import-plugins", str(cfg)]) == 0
+        assert marker.exists() and "lrmm_vpkg.sub" in sys.modules and "lrmm_plugin_mod" in sys.modules
+    finally:
+        for name in ("lrmm_vpkg", "lrmm_vpkg.sub"):
+            sys.modules.pop(name, None)
+

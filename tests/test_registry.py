@@ -359,3 +359,59 @@ def test_ambiguous_entry_points(fake_entry_points):
     reg = Registry("reward", entry_point_group="test.group")
     with pytest.raises(RegistryError, match=r"ambiguous.*json:loads.*json:dumps"):
         reg.get("acc")
+
+
+# --- locate: what get() would resolve, checked without running plugin code ------------------------
+
+def test_locate_reads_files_without_running_them(tmp_path):
+    reg = Registry("reward")
+    plugin = tmp_path / "plug.py"
+    plugin.write_text(textwrap.dedent("""
+        raise SystemExit("module code ran")
+        try:
+            import numpy as np
+        except ImportError:
+            np = None
+        if True:
+            def inside_if(inputs): ...
+        CONST, (PAIR_A, PAIR_B) = 1, (2, 3)
+        class Scorer: ...
+        async def coro(x): ...
+        something.attr = 1
+    """))
+    for name in ("inside_if", "np", "CONST", "PAIR_B", "Scorer", "coro", "Scorer.__call__"):
+        assert reg.locate(f"{plugin}:{name}") == "file"
+    with pytest.raises(RegistryError, match=r"defines no top-level .*'something'; it defines: CONST, PAIR_A"):
+        reg.locate(f"{plugin}:something")  # an attribute set on another object binds nothing here
+    (tmp_path / "star.py").write_text("from os.path import *\n")
+    assert reg.locate(f"{tmp_path}/star.py:join") == "file"  # cannot be told from the source: accepted
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    with pytest.raises(RegistryError, match=r"broken\.py.*is not valid Python: line 1"):
+        reg.locate(f"{tmp_path}/broken.py:f")
+    with pytest.raises(RegistryError, match="reward file not found: 'nope.py'"):
+        reg.locate("nope.py:f")
+
+
+def test_locate_finds_modules_and_entry_points_without_importing(tmp_module, fake_entry_points, tmp_path):
+    reg = Registry("reward", entry_point_group="test.group")
+    reg.register("known", obj=len)
+    assert reg.locate("KNOWN") == "registered"
+    (tmp_path / "lrmm_lpkg").mkdir()
+    (tmp_path / "lrmm_lpkg" / "__init__.py").write_text("raise SystemExit('package code ran')\n")
+    (tmp_path / "lrmm_lpkg" / "mod.py").write_text("raise SystemExit('module code ran')\ndef fn(x): ...\n")
+    tmp_module("lrmm_flat", "raise SystemExit('ran')\n")
+    assert reg.locate("lrmm_lpkg.mod:fn") == "module" and "lrmm_lpkg" not in sys.modules
+    with pytest.raises(RegistryError, match=r"'lrmm_lpkg.mod:gn'.*defines no top-level .*'gn'; it defines: fn"):
+        reg.locate("lrmm_lpkg.mod:gn")
+    with pytest.raises(RegistryError, match="no module named 'lrmm_lpkg.missing'"):
+        reg.locate("lrmm_lpkg.missing:fn")
+    with pytest.raises(RegistryError, match="'lrmm_flat' is a module, not a package"):
+        reg.locate("lrmm_flat.sub:fn")
+    fake_entry_points.append(_ep("ep_ok", "lrmm_lpkg.mod:fn"))
+    fake_entry_points.append(_ep("ep_gone", "lrmm_not_installed:fn"))
+    assert reg.locate("ep-ok") == "entry point"
+    with pytest.raises(RegistryError, match="no module named 'lrmm_not_installed'"):
+        reg.locate("ep_gone")
+    with pytest.raises(RegistryError, match="unknown reward 'ep_okk'; did you mean 'ep_ok'"):
+        reg.locate("ep_okk")
+    assert "lrmm_lpkg" not in sys.modules and "lrmm_flat" not in sys.modules

@@ -207,3 +207,155 @@ def test_headers_and_backoff(server, image):
         remote = _remote(url=server.url, retries=1, backoff=backoff)
         out = score(RewardSet([Reward("remote", remote)]), _inputs(image, 1))
         assert low <= time.perf_counter() - started < high and out.outcomes["remote"].values == [5.0]
+
+
+# --- hostile or broken servers: redirects, trickled and oversized answers, exit ---------------------
+
+class _Plain:
+    """A server whose every POST / GET is answered by `answer(handler)`; records what it receives."""
+
+    def __init__(self, answer):
+        self.seen: list[tuple[str, dict]] = []
+        self.stop = threading.Event()
+        plain = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                plain.seen.append((self.command, dict(self.headers)))
+                answer(self)
+
+            do_GET = do_POST = _any
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def plain():
+    made = []
+
+    def make(answer):
+        made.append(_Plain(answer))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def _reply(status, body=b"", **headers):
+    def answer(handler):
+        handler.send_response(status)
+        for key, value in {"Content-Length": str(len(body)), **headers}.items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+    return answer
+
+
+def _trickle(body: bytes, every: float, stop: list):
+    """Sends `body` (its full Content-Length up front) one byte per `every` seconds."""
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for byte in body:
+            if stop[0].is_set():
+                return
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(every)
+    return answer
+
+
+def test_a_redirect_is_an_error_and_the_token_goes_nowhere_else(plain, image, caplog):
+    elsewhere = plain(_reply(200, json.dumps({"scores": [1.0]}).encode()))
+    for status in (302, 307):
+        first = plain(_reply(status, Location=elsewhere.url))
+        remote = _remote(url=first.url, retries=2, headers={"Authorization": "Bearer s3cret"})
+        with caplog.at_level(logging.WARNING):
+            out = score(RewardSet([Reward("remote", remote)]), _inputs(image, 1))
+        assert out.outcomes["remote"].status == ["error"]
+        assert [command for command, _ in first.seen] == ["POST"]  # not retried either
+        assert first.seen[0][1]["Authorization"] == "Bearer s3cret"
+        assert f"HTTP {status}" in caplog.text and first.url in caplog.text and elsewhere.url in caplog.text
+        assert "does not follow" in caplog.text
+    assert elsewhere.seen == []  # the redirect target received no request, so no Authorization header
+
+
+def test_a_trickled_answer_fails_after_the_total_timeout(plain, image, caplog):
+    stop = [None]
+    server = plain(_trickle(json.dumps({"scores": [1.0]}).encode().ljust(40), 0.1, stop))  # 4 s in all
+    stop[0] = server.stop
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        out = score(RewardSet([Reward("remote", _remote(url=server.url, timeout=1.0, retries=0))]), _inputs(image, 1))
+    took = time.perf_counter() - started
+    assert out.outcomes["remote"].status == ["error"]
+    assert 0.9 < took < 2.0, took  # each byte came well within 1 s; the whole answer did not
+    assert "did not come within timeout=1s" in caplog.text and server.url in caplog.text
+
+
+def test_an_oversized_answer_is_refused(plain, image, caplog):
+    big = json.dumps({"scores": [1.0], "pad": "x" * 5000}).encode()
+    declared = plain(_reply(200, big))
+
+    def undeclared(handler):  # no Content-Length: read until the server closes
+        handler.send_response(200)
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(big)
+
+    streamed = plain(undeclared)
+    for server in (declared, streamed):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = score(RewardSet([Reward("remote", _remote(url=server.url, max_bytes=1000, retries=2))]),
+                        _inputs(image, 1))
+        assert out.outcomes["remote"].status == ["error"] and len(server.seen) == 1  # not retried
+        assert "larger than max_bytes=1000" in caplog.text and server.url in caplog.text
+    ok = score(RewardSet([Reward("remote", _remote(url=declared.url))]), _inputs(image, 1))
+    assert ok.outcomes["remote"].values == [1.0]  # the default cap (64 MiB) lets it through
+
+
+_EXITS = """
+import sys, time
+from lightrft_mm.rewards import REWARDS, Reward, RewardInput, run_reward
+from lightrft_mm.schema import Sample
+
+sample = Sample.from_dict({"id": "q", "source": "s", "messages": [{"role": "user", "content": "hi"}]})
+inputs = [RewardInput("a", (1,), sample, 0)]
+remote_rm = REWARDS.get("remote_rm")
+started = time.monotonic()
+# the request's own total timeout, then a reward abandoned by its rewards[i].timeout mid-request
+print(run_reward(Reward("own", remote_rm(url=sys.argv[1], timeout=1.0, retries=0)), inputs).status, flush=True)
+print(run_reward(Reward("cut", remote_rm(url=sys.argv[1], timeout=60.0, retries=0), timeout=0.5),
+                 inputs).status, f"{time.monotonic() - started:.1f}", flush=True)
+"""
+
+
+def test_a_run_exits_while_a_reward_server_still_trickles(plain, tmp_path):
+    stop = [None]
+    server = plain(_trickle(b" " * 10_000, 0.1, stop))  # would take 1000 s
+    stop[0] = server.stop
+    script = tmp_path / "exits.py"
+    script.write_text(_EXITS)
+    import subprocess
+    import sys
+
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script), server.url], capture_output=True, text=True, timeout=20)
+    took = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr
+    own, cut = proc.stdout.splitlines()
+    assert own == "['error']" and cut.startswith("['timeout']")
+    assert took < float(cut.split()[-1]) + 3.0, (took, cut)  # exited right after the last reward returned

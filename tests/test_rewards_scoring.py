@@ -432,3 +432,18 @@ def test_evaluation_still_takes_name_fn_weight_tuples():
     fns = [("exact_match", REWARDS.get("exact_match"), 1.0), ("think", REWARDS.get("think_format"), 0.5)]
     totals, parts, errors = combine(fns, [inp("<think>a</think>\\boxed{red}")])
     assert totals == [1.5] and parts == {"exact_match": [1.0], "think": [1.0]} and errors == {}
+
+
+def test_plugin_check_without_import_keeps_the_other_checks(tmp_path):
+    from lightrft_mm.rewards.scoring import plugin_check
+
+    marker = tmp_path / "ran.txt"
+    plugin = tmp_path / "plug.py"
+    plugin.write_text(f"open({str(marker)!r}, 'w').close()\n\ndef fn(inputs):\n    return [0.0] * len(inputs)\n")
+    twice = f"rewards=[{{name: '{plugin}:fn'}}, {{name: '{plugin}:fn'}}]"
+    with plugin_check(import_plugins=False) as check:
+        with pytest.raises(ConfigError, match=r"rewards\[1\]: metric name 'fn' is taken by rewards\[0\]"):
+            load_config(None, [twice, "trainer.accuracy_reward=exact_match"])
+    assert check.imported is False and check.names == [f"{plugin}:fn"] * 2 and not marker.exists()
+    load_config(None, [f"rewards=[{{name: '{plugin}:fn'}}]"])  # outside it: imported, as training needs
+    assert marker.exists()

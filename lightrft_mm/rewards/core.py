@@ -7,8 +7,9 @@ whose other keys are named sub-scores (logged as `reward/<name>.<sub>`), or an e
 instance (that sample failed; counted like a raise). A *factory* builds the reward callable from
 the config entry's `args` (reward models, remote rewards, parametrised rules).
 
-`run_reward` isolates faults: a reward that raises, hangs past its timeout or returns a bad value
-gives `None` for the affected samples and is counted; its first traceback is logged once.
+`run_reward` isolates faults: a reward that raises (anything, `sys.exit()` included), hangs past
+its timeout or returns a bad value gives `None` for the affected samples and is counted; its
+first traceback is logged once. Only an interrupt (`KeyboardInterrupt`: Ctrl-C) goes through.
 With `fail_fast` the same events raise `RewardError` instead. A reward with a timeout runs in a
 daemon thread; Python cannot kill a hung call, so it is abandoned there (it cannot block exit).
 """
@@ -33,6 +34,9 @@ from lightrft_mm.schema import Message, Part, Sample
 log = logging.getLogger("lightrft_mm.rewards")
 
 _OPTIONS_ATTR = "__lightrft_reward__"
+# Not a fault of the reward: Ctrl-C, and a generator being closed. Everything else a reward
+# raises, SystemExit included (a plugin calling sys.exit()), is that reward's failure.
+_INTERRUPTS = (KeyboardInterrupt, GeneratorExit)
 
 
 @dataclass(frozen=True)
@@ -176,9 +180,9 @@ def make_reward(spec: Any, where: str = "reward") -> Reward:
             raise RewardError(problems[0])
         try:
             obj = obj(**args)
-        except RewardError:
+        except (RewardError, *_INTERRUPTS):
             raise
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in a factory is its failure too
             raise RewardError(f"{where}: building reward {spec.name!r} with args {args!r} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
         options = options_of(obj)
@@ -228,6 +232,9 @@ class _Failure:
 
     def __str__(self) -> str:
         e = self.error
+        if isinstance(e, SystemExit):
+            return (f"SystemExit: {e} (it called sys.exit(); a reward cannot end the run. Fix: return None "
+                    "or raise an exception for a completion it cannot score)")
         return e if isinstance(e, str) else f"{type(e).__name__}: {e}"
 
 
@@ -289,7 +296,9 @@ def _call_batched(reward: Reward, batch: list[RewardInput], fail_fast: bool) -> 
         return _with_timeout(call, reward.timeout, reward.name)
     except _Timeout:
         return [_PENDING] * len(batch)
-    except Exception as exc:  # noqa: BLE001 - a broken reward must not kill the run
+    except _INTERRUPTS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a broken reward (even sys.exit()) must not end the run
         failure = _Failure(exc, traceback.format_exc())
         _failed(reward, batch[0], failure, fail_fast, of=len(batch))
         return [_Failure(exc)] * len(batch)
@@ -301,7 +310,15 @@ def _call_each(reward: Reward, batch: list[RewardInput], fail_fast: bool) -> lis
 
     if inspect.iscoroutinefunction(reward.fn) or inspect.iscoroutinefunction(getattr(reward.fn, "__call__", None)):
         def work() -> None:
-            _settle(_gather(reward.fn, batch, results, reward.timeout))
+            try:
+                _settle(_gather(reward.fn, batch, results, reward.timeout))
+            except _INTERRUPTS:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - asyncio lets SystemExit through: fail the rest
+                failure = _Failure(exc, traceback.format_exc())
+                for j, value in enumerate(results):
+                    if value is _PENDING:
+                        results[j] = failure
     else:
         def work() -> None:
             for j, x in enumerate(batch):
@@ -309,7 +326,9 @@ def _call_each(reward: Reward, batch: list[RewardInput], fail_fast: bool) -> lis
                     return
                 try:
                     results[j] = _settle(reward.fn(x))
-                except Exception as exc:  # noqa: BLE001
+                except _INTERRUPTS:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - sys.exit() included
                     results[j] = _Failure(exc, traceback.format_exc())
                     if fail_fast:
                         return
@@ -352,7 +371,11 @@ def _settle(value: Any) -> Any:
 
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
+    except RuntimeError:  # the usual case; run it outside this handler (a clean traceback if it fails)
+        in_loop = False
+    else:
+        in_loop = True
+    if not in_loop:
         return asyncio.run(wait())
     # A loop already runs in this thread (a notebook): run the coroutine in another thread.
     return _with_timeout(lambda: asyncio.run(wait()), float("inf"), "coroutine")

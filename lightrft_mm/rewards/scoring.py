@@ -15,10 +15,12 @@ marked invalid (left out of the loss) and counted in `reward/invalid`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from lightrft_mm.errors import ConfigError, RegistryError, RewardError, did_you_mean
 from lightrft_mm.rewards.core import (ERROR, SKIP, TIMEOUT, Outcome, Reward, RewardInput, factory_arg_problems,
@@ -227,11 +229,45 @@ def reward_metrics(reward_set: RewardSet, scores: Scores) -> dict[str, float]:
 
 # --- checks before a run ------------------------------------------------------------------------
 
+@dataclass
+class PluginCheck:
+    """How config checks treat reward plugins (`file.py:fn`, `module:fn`, entry points).
+
+    Attributes:
+        imported: True: imported (their module code runs) and fully checked, args included.
+            False: located without running their code (see `Registry.locate`); args unchecked.
+        names: the plugin names the checks met, in order.
+    """
+
+    imported: bool
+    names: list[str] = field(default_factory=list)
+
+
+_PLUGIN_CHECK: contextvars.ContextVar[PluginCheck | None] = contextvars.ContextVar("plugin_check", default=None)
+_NOT_IMPORTED = object()  # a plugin found without importing it
+
+
+@contextlib.contextmanager
+def plugin_check(import_plugins: bool) -> Iterator[PluginCheck]:
+    """Within it, `config_problems` (so `load_config`) imports reward plugins or only locates them.
+
+    Outside it they are imported, as training needs them. `lightrft-mm validate` locates them
+    unless given --import-plugins, so that validating a config runs none of its code.
+    """
+    check = PluginCheck(imported=import_plugins)
+    token = _PLUGIN_CHECK.set(check)
+    try:
+        yield check
+    finally:
+        _PLUGIN_CHECK.reset(token)
+
+
 def config_problems(specs: Sequence[Any], accuracy_reward: str = "") -> list[str]:
     """Problems of the `rewards:` entries found without building anything heavy (for validation).
 
-    Resolves every name (which loads `file.py:fn` plugins), checks `args` against factories'
-    signatures, and that metric names are unique.
+    Resolves every name (which imports `file.py:fn` plugins, except inside `plugin_check(False)`,
+    which only locates them), checks `args` against factories' signatures, and that metric names
+    are unique.
     """
     problems: list[str] = []
     labels: dict[str, int] = {}
@@ -240,7 +276,9 @@ def config_problems(specs: Sequence[Any], accuracy_reward: str = "") -> list[str
         obj = _resolve_for_check(spec.name, f"{where}.name", problems)
         if obj is None:
             continue
-        if options_of(obj).factory:
+        if obj is _NOT_IMPORTED:
+            pass  # a plugin's args can only be checked by importing it
+        elif options_of(obj).factory:
             problems += factory_arg_problems(obj, spec.args, where, spec.name)
         elif spec.args:
             problems.append(f"{where}.args: {spec.name!r} is a reward function and takes no args (got "
@@ -256,7 +294,8 @@ def config_problems(specs: Sequence[Any], accuracy_reward: str = "") -> list[str
 
 
 def _resolve_for_check(name: str, where: str, problems: list[str]) -> Any:
-    """The registered object named `name`, or None with the problem recorded."""
+    """The registered object named `name` (`_NOT_IMPORTED` for a plugin only located), or None
+    with the problem recorded."""
     from lightrft_mm.rewards import REWARDS
 
     if not name:
@@ -265,7 +304,13 @@ def _resolve_for_check(name: str, where: str, problems: list[str]) -> Any:
         problems.append(f"{where}: {name!r} is not a registered reward.{did_you_mean(name, REWARDS.names())} "
                         f"Known: {', '.join(REWARDS.names())}.")
         return None
+    check = _PLUGIN_CHECK.get()
     try:
+        if check is not None and not REWARDS.is_registered(name):
+            check.names.append(name)
+            if not check.imported:
+                REWARDS.locate(name)
+                return _NOT_IMPORTED
         return REWARDS.get(name)
     except RegistryError as exc:
         problems.append(f"{where}: {exc}")
@@ -289,5 +334,5 @@ def check_routing(reward_set: RewardSet, *sample_lists: Sequence[Any]) -> list[s
     return [s for s in present if not any(r.applies_to_source(s) for r in reward_set.rewards)]
 
 
-__all__ = ["COMBINE_MODES", "RewardSet", "Scores", "ScoredBatch", "build_reward_set", "check_routing", "combine",
-           "combined_totals", "config_problems", "reward_metrics", "score", "score_rewards"]
+__all__ = ["COMBINE_MODES", "PluginCheck", "RewardSet", "Scores", "ScoredBatch", "build_reward_set", "check_routing",
+           "combine", "combined_totals", "config_problems", "plugin_check", "reward_metrics", "score", "score_rewards"]
