@@ -21,7 +21,10 @@ def run_demo(config_path: str, overrides: list[str] | None = None, *, task: str 
     from lightrft_mm.trainer.loop import train
 
     started = time.time()
-    cfg = load_config(config_path, [*(overrides or []), *([f"data.synthetic={task}"] if task else [])])
+    overrides = list(overrides or [])
+    # A demo is run again and again: its run folder is replaced, unless the user resumes it.
+    replace = [] if any(o.startswith("trainer.resume=") for o in overrides) else ["trainer.overwrite=true"]
+    cfg = load_config(config_path, [*replace, *overrides, *([f"data.synthetic={task}"] if task else [])])
     summary = train(cfg)
     minutes, seconds = divmod(int(round(time.time() - started)), 60)
     summary["line"] = (f"demo: accuracy before={summary['before']:.2f} after={summary['after']:.2f} "

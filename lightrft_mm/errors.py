@@ -32,6 +32,14 @@ class RolloutError(LightRFTError):
     """A rollout engine failed: not installed, not answering, or answering wrongly."""
 
 
+class CheckpointError(LightRFTError):
+    """A checkpoint cannot be written (disk full, non-finite weights) or resumed from."""
+
+
+class TrainingError(LightRFTError):
+    """Training cannot go on (e.g. every update of several steps in a row was non-finite)."""
+
+
 class RewardError(LightRFTError):
     """A reward cannot be resolved or returned an invalid value."""
 

@@ -53,7 +53,7 @@ def test_recipe_values_reach_the_dataclasses():
     assert cfg.trainer.max_steps == 150
     assert cfg.trainer.lr == pytest.approx(1e-3)
     assert cfg.trainer.adam_beta2 == pytest.approx(0.99)
-    assert cfg.trainer.eval_every == 25 and cfg.trainer.overwrite is True
+    assert cfg.trainer.eval_every == 25 and cfg.trainer.overwrite is False  # recipes never delete a run
     assert cfg.warmup.steps == 100 and cfg.warmup.lr == pytest.approx(3e-3)
     assert cfg.warmup.template == "\\boxed{{answer}}"
     # Keys the recipe does not set keep their dataclass defaults.

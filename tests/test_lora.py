@@ -111,7 +111,7 @@ def test_lora_trains_only_adapters_and_checkpoints_reload(colors, tmp_path):
                                    rtol=0, atol=1e-5)
 
     # Only adapters trained and hold optimizer state; the trained counts say so.
-    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]
     assert len(optimizer["state"]) == 2 * len(targets)
     counts = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     adapter_numel = sum(p.numel() for n, p in with_adapter.named_parameters() if "lora_" in n)
@@ -178,6 +178,7 @@ def test_base_model_is_the_kl_reference_without_a_copy(colors, tmp_path):
     strategy = STRATEGIES.get("single")(load_config(None, []).strategy, max_grad_norm=1.0)
     run = build_run(load_config("recipes/demo/colors.yaml", [*overrides, "warmup.steps=0"]), strategy)
     assert run.ref_model is run.model
+    run.lock.release()  # the run folder is held until the run ends
     warmed = build_run(load_config("recipes/demo/colors.yaml", [*overrides, "warmup.steps=1"]), strategy)
     assert warmed.ref_model is not None and warmed.ref_model is not warmed.model  # warmed adapters: a copy
 

@@ -276,10 +276,11 @@ def test_a_raising_reward_gives_none_is_counted_and_logged_once(caplog):
     assert "KeyError" in tracebacks[1].getMessage() and "sample 's'" in tracebacks[1].getMessage()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", [1.0], True, {"fmt": 1.0}, {"score": "x"}])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e300, -1e39, "1.0", [1.0], True, {"fmt": 1.0},
+                                 {"score": "x"}])
 def test_bad_values_are_errors(bad):
     out = run_reward(Reward("odd", lambda xs: [1.0, bad]), [inp("a"), inp("b")])
-    assert out.values == [1.0, None] and out.status == ["ok", "error"]
+    assert out.values == [1.0, None] and out.status == ["ok", "error"]  # 1e300 would be inf in float32
     with pytest.raises(RewardError, match="odd"):
         run_reward(Reward("odd", lambda xs: [1.0, bad]), [inp("a"), inp("b")], fail_fast=True)
 

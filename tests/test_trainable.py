@@ -52,7 +52,7 @@ def test_frozen_parts_stay_bit_identical_and_get_no_optimizer_state(frozen, colo
             assert all(same), f"{part} moved while frozen"
         else:
             assert not all(same), f"{part} did not train"
-    optimizer = torch.load(out / "checkpoint-final" / "optimizer.pt", weights_only=True)
+    optimizer = torch.load(out / "checkpoint-final" / "optimizer.pt", weights_only=True)["optimizer"]
     trainable = sum(len(v) for k, v in groups.items() if k not in frozen)
     assert len(optimizer["state"]) == trainable and len(optimizer["param_groups"][0]["params"]) == trainable
     counts = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

@@ -223,6 +223,16 @@ def _cross_checks(cfg: Config) -> list[str]:
     from lightrft_mm.rollout.vllm import config_problems as engine_problems
 
     problems += engine_problems(cfg)
+    t = cfg.trainer
+    if t.resume and t.overwrite:
+        problems.append("trainer.resume: set together with trainer.overwrite, which would delete the run to resume. "
+                        "Fix: remove trainer.overwrite.")
+    if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
+        problems.append(f"trainer.resume: {t.resume!r} is not a checkpoint folder. Fix: 'auto' (the newest of "
+                        "trainer.output_dir) or a checkpoint-<k> folder.")
+    if t.keep_checkpoints and not t.save_every:
+        problems.append("trainer.keep_checkpoints: set, but trainer.save_every is 0 (only the final checkpoint is "
+                        "written). Fix: set trainer.save_every, or remove trainer.keep_checkpoints.")
     name = cfg.model.name_or_path
     if name.startswith("tiny:"):
         from lightrft_mm.models.tiny import FAMILIES

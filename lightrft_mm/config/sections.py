@@ -286,7 +286,7 @@ class StrategyConfig:
                       "of its LOCAL_RANK.", choices=("auto", "cpu", "cuda"))
     precision: str = opt("fp32", "Compute precision. bf16 / fp16 compute in that dtype and keep fp32 master "
                          "weights and fp32 optimizer state (fp16 adds dynamic loss scaling; its skipped steps "
-                         "are logged as loss/skipped_steps; GPU only). model.dtype is the dtype weights are "
+                         "are logged as train/skipped_steps; GPU only). model.dtype is the dtype weights are "
                          "loaded and saved in.", choices=("fp32", "bf16", "fp16"))
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ "
                           "parameters). deepspeed only.", choices=(1, 2, 3))
@@ -326,10 +326,21 @@ class TrainerConfig:
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay.", low=0.0)
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = no clipping).", low=0.0)
     eval_every: int = opt(0, "Greedy held-out evaluation every k steps (0 = only before and after).", low=0)
-    save_every: int = opt(0, "Save a checkpoint every k steps (0 = only the final one).", low=0)
+    save_every: int = opt(0, "Save a checkpoint every k steps (0 = only the final one): checkpoint-<k>, HF "
+                          "weights plus the training state trainer.resume continues from.", low=0)
+    keep_checkpoints: int = opt(0, "Keep only the newest k numbered checkpoints (older ones are deleted after "
+                                "each save; checkpoint-final is always kept). 0 = keep all.", low=0)
+    resume: str = opt("", "Continue a run from a checkpoint: 'auto' = the newest of output_dir (a fresh start "
+                      "when it has none), or a checkpoint folder. Exact: the same metrics as an uninterrupted run "
+                      "(model, optimizer, data position, RNG of every rank, KL controller, reward statistics); "
+                      "the same strategy and number of processes as the run that wrote it.")
+    max_bad_steps: int = opt(5, "Stop the run after this many steps in a row whose optimizer updates were all "
+                             "skipped for a non-finite (NaN / inf) gradient norm (counted in train/skipped_steps; "
+                             "the weights are never updated from them).", low=1)
     accuracy_reward: str = opt("exact_match", "Reward whose mean greedy held-out score is reported "
                                "as eval/accuracy (it need not be among the training rewards).")
-    overwrite: bool = opt(False, "Allow writing into an output_dir that already holds a run.")
+    overwrite: bool = opt(False, "Replace the run an output_dir already holds (its checkpoints are deleted). "
+                          "To continue it instead: trainer.resume=auto.")
 
 
 @dataclass(frozen=True)

@@ -406,7 +406,8 @@ def _with_timeout(fn: Callable[[], Any], timeout: float, name: str) -> Any:
 
 
 def _number(value: Any) -> tuple[float | None, bool]:
-    """(float or None, ok): bools, strings, NaN and infinities are not scores."""
+    """(float or None, ok): bools, strings, NaN and infinities are not scores, nor a number the
+    float32 rewards tensor would turn into an infinity (|x| > 3.4e38)."""
     if value is None:
         return None, True
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor / array
@@ -414,7 +415,10 @@ def _number(value: Any) -> tuple[float | None, bool]:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None, False
     value = float(value)
-    return (value, True) if math.isfinite(value) else (None, False)
+    return (value, True) if math.isfinite(value) and abs(value) <= FLOAT32_MAX else (None, False)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: rewards are float32 tensors
 
 
 def _clean(value: Any) -> tuple[float | None, dict[str, float | None], Any]:
@@ -437,7 +441,7 @@ def _clean(value: Any) -> tuple[float | None, dict[str, float | None], Any]:
             return None, {}, f"returned a mapping with a value that is not a finite number: {_short(value)}"
         return score, subs, None
     score, ok = _number(value)
-    return (score, {}, None) if ok else (None, {}, f"returned {_short(value)}, not a finite number or None")
+    return (score, {}, None) if ok else (None, {}, f"returned {_short(value)}, not a finite float32 number or None")
 
 
 def _short(value: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 
 import torch
@@ -133,12 +134,15 @@ class Local(Collectives):
 LOCAL = Local()
 
 
-def optimizer_step(optimizer, scaler=None) -> bool:
+def optimizer_step(optimizer, scaler=None, norm: float = 0.0) -> bool:
     """Step `optimizer` (through the fp16 loss `scaler` when there is one) and zero its gradients;
-    True when the scaler skipped the step for inf / NaN gradients (its scale then drops)."""
+    True when the step was skipped: a non-finite gradient `norm` (the global one, so every rank
+    skips alike) never reaches the weights, and the fp16 scaler skips inf / NaN gradients (its
+    scale then drops)."""
     if scaler is None:
-        optimizer.step()
-        skipped = False
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            optimizer.step()
     else:
         scale = scaler.get_scale()
         scaler.step(optimizer)

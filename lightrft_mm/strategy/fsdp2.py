@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -110,8 +111,9 @@ class FSDP2Strategy(Collectives):
             for group in (sharded, loose):
                 if group:
                     torch.nn.utils.clip_grads_with_norm_(group, self.max_grad_norm, norm, foreach=True)
-        self.skipped_steps += optimizer_step(self.optimizer, self.scaler)
-        return float(norm)
+        norm = float(norm)
+        self.skipped_steps += optimizer_step(self.optimizer, self.scaler, norm)
+        return norm
 
     def _resharded(self, model=None):
         """The model with every unit's parameters back in their sharded form (the root keeps
@@ -134,19 +136,32 @@ class FSDP2Strategy(Collectives):
             full = value.full_tensor() if isinstance(value, DTensor) else value  # all-gather of one tensor
             yield name, full.detach().cpu() if self.is_main else None
 
+    def _training_state(self) -> dict:
+        model = self._resharded()
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, self.optimizer),
+                 "skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
     def save(self, path) -> None:
-        """The optimizer state, sharded per rank (torch.distributed.checkpoint), in `path`/optimizer."""
+        """The training state, sharded per rank (torch.distributed.checkpoint) in `path`/optimizer:
+        the fp32 model shards (exact, LoRA layers unmerged) and the optimizer's (and the fp16
+        scaler's). Loaded back with the same world size."""
         import torch.distributed.checkpoint as dcp
 
-        state = {"optimizer": get_optimizer_state_dict(self._resharded(), self.optimizer)}
-        dcp.save(state, checkpoint_id=str(Path(path) / "optimizer"))
+        dcp.save(self._training_state(), checkpoint_id=str(Path(path) / "optimizer"))
 
     def load(self, path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        state = {"optimizer": get_optimizer_state_dict(self._resharded(), self.optimizer)}
+        state = self._training_state()
         dcp.load(state, checkpoint_id=str(Path(path) / "optimizer"))
+        set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def _keep_output_capture(model) -> None:

@@ -75,7 +75,7 @@ class SingleStrategy(Collectives):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = clip_and_norm(self.model.parameters(), self.max_grad_norm)
-        self.skipped_steps += optimizer_step(self.optimizer, self.scaler)
+        self.skipped_steps += optimizer_step(self.optimizer, self.scaler, norm)
         return norm
 
     def full_state_dict(self) -> dict:
@@ -86,11 +86,27 @@ class SingleStrategy(Collectives):
             yield name, value.detach()
 
     def save(self, path) -> None:
-        """Optimizer state beside an HF checkpoint written by the trainer."""
-        torch.save(self.optimizer.state_dict(), Path(path) / "optimizer.pt")
+        """The training state beside an HF checkpoint written by the trainer: the model's own
+        fp32 state (LoRA layers unmerged; `model.safetensors` of the export may be another dtype
+        or merged) and the optimizer's (and the fp16 scaler's)."""
+        from safetensors.torch import save_model
+
+        save_model(self.model, str(Path(path) / STATE_FILE))
+        torch.save({"optimizer": self.optimizer.state_dict(), "skipped_steps": self.skipped_steps,
+                    "scaler": self.scaler.state_dict() if self.scaler else None}, Path(path) / "optimizer.pt")
 
     def load(self, path) -> None:
-        self.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True))
+        from safetensors.torch import load_model
+
+        load_model(self.model, str(Path(path) / STATE_FILE), device=str(self.device))
+        state = torch.load(Path(path) / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.skipped_steps = state["skipped_steps"]
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+STATE_FILE = "training_model.safetensors"  # the single strategy's exact model state
 
 
 __all__ = ["SingleStrategy", "autocast_forwards", "clip_and_norm"]

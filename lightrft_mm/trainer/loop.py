@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
 
 import torch
@@ -22,14 +23,14 @@ from lightrft_mm.algorithms.stabilisers import (RunningMoments, clip_advantages,
                                                 normalize_rewards)
 from lightrft_mm.algorithms.tokens import loss_units, masked_mean, micro_batch_weight
 from lightrft_mm.config import Config
-from lightrft_mm.errors import MediaError
+from lightrft_mm.errors import CheckpointError, MediaError, TrainingError
 from lightrft_mm.models import logprobs
 from lightrft_mm.models.lora import adapters_disabled
 from lightrft_mm.models.trainable import trained_text
 from lightrft_mm.processors.adapter import collate
 from lightrft_mm.rewards import RewardInput, prompt_messages, score_rewards
 from lightrft_mm.strategy import STRATEGIES
-from lightrft_mm.trainer.checkpoint import save_hf
+from lightrft_mm.trainer.checkpoint import prune, read_trainer_state, save_hf, set_rng_state
 from lightrft_mm.trainer.evaluate import evaluate
 from lightrft_mm.trainer.experience import (equal_groups, informative_batch, micro_batch_rows, mini_batch_rows,
                                             select_rows)
@@ -61,6 +62,8 @@ def _train(cfg: Config, strategy) -> dict:
         return _loop(cfg, strategy, run, started)
     finally:
         run.engine.close()  # a vLLM engine this run started
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _loop(cfg: Config, strategy, run, started: float) -> dict:
@@ -87,17 +90,28 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
 
     metrics = open_writer(out / "metrics.jsonl", strategy.is_main)
     trajectories = open_writer(out / "trajectories.jsonl", strategy.is_main and cfg.logging.completions > 0)
-    before = run_eval()
-    metrics.write({"step": 0, **run.parameters, **{f"eval/{k}": v for k, v in before.items()}})
     alg = cfg.algorithm
     pad_id = adapter.pad_token_id
-    reward_stats = RunningMoments()  # reward_norm=running (global over the ranks)
-    kl_coef = alg.kl_coef  # the adaptive controller (kl_target > 0) moves it
     forward_logprobs = functools.partial(logprobs.forward_logprobs, share_media=cfg.trainer.encode_prompts_once,
                                          packed=cfg.trainer.padding_free)
-    skipped_media = 0
-    bar = _progress(cfg, strategy.is_main)
-    for step in range(1, cfg.trainer.max_steps + 1):
+    # The loop's own state: what a checkpoint keeps beside the model and optimizer (resume).
+    reward_stats = RunningMoments()  # reward_norm=running (global over the ranks)
+    state = {"step": 0, "kl_coef": alg.kl_coef,  # the adaptive controller (kl_target > 0) moves it
+             "skipped_media": 0, "bad_steps": 0, "before": None}
+    if run.resume is None:
+        before = run_eval()
+        state["before"] = before.get("accuracy")
+        metrics.write({"step": 0, **run.parameters, **{f"eval/{k}": v for k, v in before.items()}})
+    else:
+        saved, rng = read_trainer_state(run.resume, strategy.rank)
+        state.update({k: saved[k] for k in state})
+        reward_stats.__dict__.update(saved["reward_stats"])
+        train_data.load_state_dict(saved["loader"])
+        set_rng_state(rng)  # last: building the run drew from the generators
+        state["skipped_media"] = saved["skipped_media"][strategy.rank]
+    kl_coef, skipped_media = state["kl_coef"], state["skipped_media"]
+    bar = _progress(cfg, strategy.is_main, initial=state["step"])
+    for step in range(state["step"] + 1, cfg.trainer.max_steps + 1):
         t_step = time.time()
         # 1-2. Rollout (n completions per prompt, with their sampling log-probs) and rewards
         #      (every reward sees the completion and its whole Sample). DAPO dynamic sampling
@@ -164,16 +178,19 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
                          micro_batch_groups=cfg.trainer.micro_batch_groups, forward_logprobs=forward_logprobs,
                          pad_id=pad_id)
         engine.sync(strategy)  # a separate engine gets the updated weights before the next rollout
+        # A non-finite gradient norm skips its update (the strategies never apply one); a run
+        # whose every update fails for max_bad_steps steps in a row stops below.
+        state["bad_steps"] = state["bad_steps"] + 1 if stats["skipped"] == stats["updates"] else 0
 
         # 6. Metrics over every rank (counts summed, means averaged), written by rank 0.
         local = {**scored.metrics, "data/skipped_media": skipped_media,
                  "completion/length": rollouts.completion_mask.sum(1).float().mean().item(),
                  "completion/truncated": 1.0 - done.float().mean().item(),
                  "completion/zero_std_groups": int((scored.rewards.std(dim=1) == 0).sum()),
-                 **{f"loss/{k}": v for k, v in stats.items() if k != "grad_norm"}}
+                 **{f"loss/{k}": v for k, v in stats.items() if k not in ("grad_norm", "skipped", "updates")}}
         row = {"step": step, **reduce_metrics(strategy, local), **sampled,
                "data/filtered_long": train_data.filtered, "data/unsupported": train_data.unsupported,
-               "grad_norm": stats["grad_norm"], "loss/skipped_steps": strategy.skipped_steps,
+               "grad_norm": stats["grad_norm"], "train/skipped_steps": strategy.skipped_steps,
                **engine.metrics(),
                "time/step": strategy.all_reduce(time.time() - t_step, "max")}
         if alg.kl_target > 0 and ref_model is not None:
@@ -188,21 +205,41 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
             trajectories.write({"step": step, "id": inputs[i].sample.id, "completion": inputs[i].completion,
                                 "reward": float(scored.rewards.view(-1)[i]),
                                 "advantage": float(masked_mean(advantages[i], rollouts.completion_mask[i]))})
+        if state["bad_steps"] >= cfg.trainer.max_bad_steps:
+            metrics.close()
+            raise TrainingError(
+                f"steps {step - state['bad_steps'] + 1}-{step}: every optimizer update had a non-finite gradient "
+                f"norm (NaN / inf loss or gradients), {state['bad_steps']} steps in a row "
+                f"(trainer.max_bad_steps); none was applied, the weights are those of step "
+                f"{step - state['bad_steps']}. Fix: a lower trainer.lr (now {cfg.trainer.lr:g}) or "
+                "trainer.max_grad_norm, check the rewards; resume from the last checkpoint with trainer.resume.")
+        state.update(step=step, kl_coef=kl_coef)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            save_hf(model, run.processor, out / f"checkpoint-{step}", strategy=strategy, dtype=cfg.model.dtype)
+            save_hf(model, run.processor, out / f"checkpoint-{step}", strategy=strategy, dtype=cfg.model.dtype,
+                    trainer_state=_trainer_state(state, reward_stats, train_data, strategy, skipped_media))
+            if strategy.is_main:
+                prune(out, cfg.trainer.keep_checkpoints)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", acc=_fmt(row.get("eval/accuracy")))
+        bar.set_postfix(reward=_fmt(row["reward/mean"], 3), acc=_fmt(row.get("eval/accuracy")))
     bar.close()
 
     after = run_eval()
-    metrics.write({"step": cfg.trainer.max_steps, **{f"eval/{k}": v for k, v in after.items()}})
+    metrics.write({"step": cfg.trainer.max_steps, "final": True, **{f"eval/{k}": v for k, v in after.items()}})
     metrics.close()
     trajectories.close()
-    save_hf(model, run.processor, out / "checkpoint-final", strategy=strategy, dtype=cfg.model.dtype)
-    summary = {"before": before.get("accuracy"), "after": after.get("accuracy"),
+    summary = {"before": state["before"], "after": after.get("accuracy"),
                "heldout": len(eval_samples), "seconds": round(time.time() - started, 1),
-               "steps": cfg.trainer.max_steps, "skipped_media": row["data/skipped_media"], "world_size": world,
+               "steps": cfg.trainer.max_steps, "skipped_media": int(strategy.all_reduce(skipped_media)),
+               "world_size": world,
                "checkpoint": str(out / "checkpoint-final"), "trained": trained_text(run.parameters, cfg.model)}
+    try:
+        save_hf(model, run.processor, out / "checkpoint-final", strategy=strategy, dtype=cfg.model.dtype,
+                trainer_state=_trainer_state(state, reward_stats, train_data, strategy, skipped_media), final=True)
+    except CheckpointError as exc:
+        if strategy.is_main:  # the run's results are still recorded
+            summary["checkpoint_error"] = str(exc)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        raise
     if strategy.is_main:
         if cfg.logging.plot:
             from lightrft_mm.trainer.plot import plot_curves
@@ -279,7 +316,20 @@ def optimise(model, strategy, rollouts, old_logps, advantages, mask, *, alg, tem
                 parts.append((stats, weight))
             updates.append({**{k: sum(st[k] * w for st, w in parts) for k in parts[0][0]},
                             "grad_norm": strategy.step()})
-    return {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+    # An update with a non-finite gradient norm was skipped by the strategy: counted, and left out
+    # of the mean norm (its loss statistics stay, NaN where they were).
+    norms = [u.pop("grad_norm") for u in updates]
+    finite = [n for n in norms if math.isfinite(n)]
+    means = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+    return {**means, "grad_norm": sum(finite) / len(finite) if finite else float("nan"),
+            "skipped": len(norms) - len(finite), "updates": len(norms)}
+
+
+def _trainer_state(state: dict, reward_stats, train_data, strategy, skipped_media: int) -> dict:
+    """What a checkpoint keeps of the loop (`trainer_state.json`; per-rank counts by rank).
+    Collective."""
+    return {**state, "skipped_media": strategy.gather(skipped_media), "reward_stats": dict(vars(reward_stats)),
+            "loader": train_data.state_dict(), "world_size": strategy.world_size}
 
 
 def _selection_threshold(model, strategy, rollouts, micros, mask, alg, temps, forward_logprobs, pad_id):
@@ -332,13 +382,13 @@ def _fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, rewards, mean)
 
 
-def _progress(cfg: Config, enabled: bool):
+def _progress(cfg: Config, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.trainer.max_steps, desc="grpo", disable=not (cfg.logging.progress and enabled),
-                dynamic_ncols=True)
+    return tqdm(total=cfg.trainer.max_steps, initial=initial, desc="grpo",
+                disable=not (cfg.logging.progress and enabled), dynamic_ncols=True)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 

@@ -4,6 +4,7 @@ rank 0; `reduce_metrics` combines the ranks' metrics first."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -16,7 +17,7 @@ class JsonlWriter:
         self._f = self.path.open("a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps(row, ensure_ascii=False, default=float) + "\n")
+        self._f.write(json.dumps(_json_values(row), ensure_ascii=False, allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -55,3 +56,19 @@ def reduce_metrics(comm, row: dict) -> dict:
     """One rank's metrics combined over every rank (`merge_metrics`, each rank weighing the same:
     each holds an equal share of the groups)."""
     return merge_metrics([(r, 1) for r in comm.gather(row)])
+
+
+def _json_values(value):
+    """`value` as strict JSON values: a NaN or inf number (a diverged loss) becomes null, so every
+    line stays valid JSON for any reader; tensors and numpy numbers become floats."""
+    if isinstance(value, dict):
+        return {str(k): _json_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_values(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None

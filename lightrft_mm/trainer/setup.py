@@ -27,6 +27,8 @@ from lightrft_mm.models.trainable import apply_trainable
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.rewards import build_reward_set, check_routing
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
+from lightrft_mm.trainer.checkpoint import MANIFEST, checkpoints, resume_point
+from lightrft_mm.trainer.lock import LOCK, RunLock
 from lightrft_mm.trainer.warmup import warmup
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,24 @@ class Run:
     reward_fns: object
     eval_fns: object
     parameters: dict  # params/<part>/trainable and /frozen counts
+    lock: RunLock | None = None  # the run folder's lock (rank 0)
+    resume: Path | None = None  # the checkpoint the strategy state was loaded from
 
 
 def build_run(cfg: Config, strategy) -> Run:
     """Model, adapter, data, rewards, the optional warm-up and reference, the strategy's
     prepared policy and the rollout engine on it."""
-    out = prepare_output_dir(cfg, strategy)
+    lock = take_lock(cfg, strategy)
+    try:
+        out, resume = prepare_output_dir(cfg, strategy)
+        return _build(cfg, strategy, out, lock, resume)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(cfg: Config, strategy, out: Path, lock, resume) -> Run:
     seed_everything(cfg.trainer.seed)
     model, processor = load_policy(cfg.model, seed=cfg.trainer.seed)
     counts = apply_trainable(model, cfg.model)  # frozen parts, activation checkpointing
@@ -78,15 +92,11 @@ def build_run(cfg: Config, strategy) -> Run:
     train_data = PromptLoader.from_config(cfg.data, seed=cfg.trainer.seed, token_len=token_len,
                                           modalities=adapter.modalities, rank=strategy.rank, world_size=world,
                                           batch_size=cfg.data.batch_size // world)
-    eval_samples, _ = drop_unsupported(load_samples(cfg.data.eval), adapter.modalities, where="data.eval")
+    eval_samples, _ = drop_unsupported(load_samples(cfg.data.eval, allow_outside_media=cfg.data.allow_outside_media),
+                                       adapter.modalities, where="data.eval")
     if cfg.data.eval_max_samples:
         eval_samples = eval_samples[:cfg.data.eval_max_samples]
     check_media_kinds(train_data.samples + eval_samples, strategy)
-    if cfg.rollout.engine == "vllm":
-        kinds = {p.type for s in train_data.samples + eval_samples for p in s.media()} - {"image"}
-        if kinds:
-            raise ConfigError(f"rollout.engine=vllm: the data holds {', '.join(sorted(kinds))} parts, which this "
-                              "engine does not send to vLLM yet (text and images it does). Fix: rollout.engine=hf.")
     reward_fns = build_reward_set(cfg.rewards, cfg.scoring)
     unrewarded = check_routing(reward_fns, train_data.samples, eval_samples)
     if unrewarded and strategy.is_main:
@@ -95,18 +105,23 @@ def build_run(cfg: Config, strategy) -> Run:
 
     # Optional format warm-up (answer-free; every rank alike, before sharding), then the frozen
     # reference for the KL term, then the policy's strategy (fp32 master weights + optimizer).
-    if cfg.warmup.steps:
+    # A resumed run loads the trained policy from its checkpoint: it warms up again only to
+    # rebuild a reference that is the warmed-up model (deterministic, so the same one).
+    base_is_reference = cfg.model.lora.r > 0 and not cfg.warmup.steps
+    needs_copy = cfg.algorithm.kl_coef > 0 and not base_is_reference
+    if cfg.warmup.steps and (resume is None or needs_copy):
         warmup(model, adapter, batches(train_data.samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
                cfg.warmup, seed=cfg.trainer.seed, device=strategy.device,
                progress=cfg.logging.progress and strategy.is_main, packed=cfg.trainer.padding_free)
     # With LoRA and no warm-up the reference is the policy with its adapters off: no copy.
-    base_is_reference = cfg.model.lora.r > 0 and not cfg.warmup.steps
-    ref_model = None
-    if cfg.algorithm.kl_coef > 0 and not base_is_reference:
-        ref_model = strategy.prepare_frozen(frozen_copy(model))
+    ref_model = strategy.prepare_frozen(frozen_copy(model)) if needs_copy else None
     t = cfg.trainer
     model, _ = strategy.prepare(model, functools.partial(
         torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay))
+    if resume is not None:
+        strategy.load(resume)  # the policy and optimizer as they were; the loop restores the rest
+        if strategy.is_main:
+            log.info("resuming from %s", resume)
     if cfg.algorithm.kl_coef > 0 and base_is_reference:
         ref_model = model  # the loop runs it under models.lora.adapters_disabled
     engine = make_engine(cfg, model, processor, adapter, strategy, out)
@@ -115,7 +130,7 @@ def build_run(cfg: Config, strategy) -> Run:
                               top_k=r.top_k, first_temperature=r.fire_temperature, first_top_k=r.fire_top_k,
                               repetition_penalty=r.repetition_penalty)
     return Run(out, model, processor, adapter, engine, ref_model, sampling, train_data, eval_samples,
-               reward_fns, reward_fns.including(t.accuracy_reward), counts)
+               reward_fns, reward_fns.including(t.accuracy_reward), counts, lock, resume)
 
 
 def make_engine(cfg: Config, model, processor, adapter, strategy, out: Path):
@@ -131,20 +146,64 @@ def make_engine(cfg: Config, model, processor, adapter, strategy, out: Path):
                         lora_scaling=lora.lora_alpha / lora.r if lora is not None else None)
 
 
-def prepare_output_dir(cfg: Config, comm) -> Path:
-    """Check (every rank) and create (rank 0) the run folder; config.json records the run."""
-    out = Path(cfg.trainer.output_dir)
-    if (out / "metrics.jsonl").exists() and not cfg.trainer.overwrite:
-        raise ConfigError(f"trainer.output_dir: {out} already holds a run. Fix: choose another "
-                          "output_dir, or set trainer.overwrite=true to replace it.")
-    comm.barrier()  # every rank has looked before rank 0 replaces it
+def take_lock(cfg: Config, comm) -> RunLock | None:
+    """Rank 0 locks the run folder, before any other work; every rank stops when it is held."""
+    out, lock, refused = Path(cfg.trainer.output_dir), None, None
     if comm.is_main:
-        if (out / "metrics.jsonl").exists():
-            shutil.rmtree(out)
+        try:
+            lock = RunLock(out).acquire()
+        except ConfigError as exc:
+            refused = str(exc)
+    if comm.all_reduce(float(refused is not None), "max") > 0:
+        raise ConfigError(refused or f"trainer.output_dir: {out} is in use by another run (rank 0 says who).")
+    return lock
+
+
+def prepare_output_dir(cfg: Config, comm) -> tuple[Path, Path | None]:
+    """Check (every rank) and create (rank 0) the locked run folder; config.json records the run.
+    Returns the folder and the checkpoint to resume from (None: a fresh start)."""
+    t, out = cfg.trainer, Path(cfg.trainer.output_dir)
+    resume = resume_point(out, t.resume)
+    holds_run = any((out / name).exists() for name in RUN_FILES) or bool(checkpoints(out))
+    if holds_run and not (t.overwrite or t.resume):
+        raise ConfigError(f"trainer.output_dir: {out} already holds a run. Fix: trainer.resume=auto to continue it, "
+                          "another output_dir, or trainer.overwrite=true to replace it (its checkpoints are deleted).")
+    comm.barrier()  # every rank has looked before rank 0 changes it
+    if comm.is_main:
+        if holds_run and (t.overwrite or resume is None):
+            if t.resume:
+                log.warning("trainer.resume=%s: %s holds no checkpoint; starting from step 0", t.resume, out)
+            for child in out.iterdir():
+                if child.name != LOCK:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        if resume is not None:
+            step = json.loads((resume / MANIFEST).read_text())["step"]
+            for name in ("metrics.jsonl", "trajectories.jsonl"):
+                _keep_rows_until(out / name, step)  # the steps after the checkpoint are trained again
     comm.barrier()
-    return out
+    return out, resume
+
+
+RUN_FILES = ("config.json", "metrics.jsonl")
+
+
+def _keep_rows_until(path: Path, step: int) -> None:
+    if path.exists():
+        rows = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+                if _step_of(line) <= step]
+        path.write_text("".join(rows), encoding="utf-8")
+
+
+def _step_of(line: str) -> float:
+    """A metrics row's step; a line cut short by a crash, and the final evaluation of a run that is
+    now continued, count as after any checkpoint."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return float("inf")
+    return float("inf") if row.get("final") else row.get("step", 0)
 
 
 def check_media_kinds(samples, strategy) -> None:
