@@ -136,13 +136,14 @@ def _quick(shards, out, *extra):
 def test_damaged_checkpoint_is_refused_naming_the_previous_good_one(shards, tmp_path):
     out = tmp_path / "run"
     train(_quick(shards, out, "trainer.save_every=1", "trainer.keep_checkpoints=2"))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4", "checkpoint-final"]
+    # The last step is saved once, as checkpoint-final.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-final"]
     victim = out / "checkpoint-final" / "optimizer.pt"
     victim.write_bytes(victim.read_bytes()[:100])  # a copy cut short
-    with pytest.raises(CheckpointError, match=r"damaged checkpoint: optimizer.pt is 100 bytes.*checkpoint-4"):
+    with pytest.raises(CheckpointError, match=r"damaged checkpoint: optimizer.pt is 100 bytes.*checkpoint-3"):
         train(_quick(shards, out, "trainer.max_steps=6", "trainer.resume=auto"))
     # The named one resumes; the rows after it are trained again, none twice.
-    train(_quick(shards, out, "trainer.max_steps=6", f"trainer.resume={out / 'checkpoint-4'}"))
+    train(_quick(shards, out, "trainer.max_steps=6", f"trainer.resume={out / 'checkpoint-3'}"))
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4, 5, 6, 6]
 
@@ -262,7 +263,7 @@ def test_disk_full_on_a_periodic_save_leaves_the_previous_checkpoint(shards, tmp
 
     monkeypatch.setattr(SingleStrategy, "save", full_on_second)
     with pytest.raises(CheckpointError, match=r"checkpoint-4 failed.*disk is full"):
-        train(_quick(shards, out, "trainer.save_every=2"))
+        train(_quick(shards, out, "trainer.save_every=2", "trainer.max_steps=6"))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == \
         ["checkpoint-2"]
     from lightrft_mm.trainer.checkpoint import verify

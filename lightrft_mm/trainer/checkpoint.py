@@ -249,13 +249,10 @@ def resume_point(out: Path, spec: str) -> Path | None:
 
 
 def read_trainer_state(path: Path, rank: int) -> tuple[dict, dict]:
-    """The loop's state and this rank's RNG state of checkpoint `path`."""
+    """The loop's state and this rank's RNG state of checkpoint `path` (written by as many
+    processes as read it: `prepare_output_dir` checks)."""
     state = json.loads((Path(path) / TRAINER_STATE).read_text())
-    rng_file = Path(path) / RNG_DIR / f"rank{rank}.json"
-    if not rng_file.is_file():
-        raise CheckpointError(f"{path}: no RNG state for rank {rank}: it was written by {state.get('world_size')} "
-                              "rank(s). Fix: resume with the same number of processes.")
-    return state, json.loads(rng_file.read_text())
+    return state, json.loads((Path(path) / RNG_DIR / f"rank{rank}.json").read_text())
 
 
 def prune(out: Path, keep: int) -> None:

@@ -97,7 +97,8 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
     # The loop's own state: what a checkpoint keeps beside the model and optimizer (resume).
     reward_stats = RunningMoments()  # reward_norm=running (global over the ranks)
     state = {"step": 0, "kl_coef": alg.kl_coef,  # the adaptive controller (kl_target > 0) moves it
-             "skipped_media": 0, "bad_steps": 0, "before": None}
+             "bad_steps": 0, "before": None}
+    skipped_media = 0  # this rank's
     if run.resume is None:
         before = run_eval()
         state["before"] = before.get("accuracy")
@@ -105,11 +106,11 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
     else:
         saved, rng = read_trainer_state(run.resume, strategy.rank)
         state.update({k: saved[k] for k in state})
+        skipped_media = saved["skipped_media"][strategy.rank]
         reward_stats.__dict__.update(saved["reward_stats"])
         train_data.load_state_dict(saved["loader"])
         set_rng_state(rng)  # last: building the run drew from the generators
-        state["skipped_media"] = saved["skipped_media"][strategy.rank]
-    kl_coef, skipped_media = state["kl_coef"], state["skipped_media"]
+    kl_coef = state["kl_coef"]
     bar = _progress(cfg, strategy.is_main, initial=state["step"])
     for step in range(state["step"] + 1, cfg.trainer.max_steps + 1):
         t_step = time.time()
@@ -214,7 +215,7 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
                 f"{step - state['bad_steps']}. Fix: a lower trainer.lr (now {cfg.trainer.lr:g}) or "
                 "trainer.max_grad_norm, check the rewards; resume from the last checkpoint with trainer.resume.")
         state.update(step=step, kl_coef=kl_coef)
-        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.max_steps:
             save_hf(model, run.processor, out / f"checkpoint-{step}", strategy=strategy, dtype=cfg.model.dtype,
                     trainer_state=_trainer_state(state, reward_stats, train_data, strategy, skipped_media))
             if strategy.is_main:

@@ -21,7 +21,7 @@ from lightrft_mm.config import Config, to_dict
 from lightrft_mm.datasets.loader import (PromptLoader, batches, drop_unsupported, load_samples,
                                          prompt_token_counter)
 from lightrft_mm.datasets.synthetic import ensure_synthetic
-from lightrft_mm.errors import ConfigError
+from lightrft_mm.errors import CheckpointError, ConfigError
 from lightrft_mm.models import DTYPES, load_policy
 from lightrft_mm.models.trainable import apply_trainable
 from lightrft_mm.processors import make_adapter
@@ -164,6 +164,11 @@ def prepare_output_dir(cfg: Config, comm) -> tuple[Path, Path | None]:
     Returns the folder and the checkpoint to resume from (None: a fresh start)."""
     t, out = cfg.trainer, Path(cfg.trainer.output_dir)
     resume = resume_point(out, t.resume)
+    written_by = json.loads((resume / MANIFEST).read_text())["world_size"] if resume else comm.world_size
+    if written_by != comm.world_size:
+        raise CheckpointError(f"trainer.resume: {resume} was written by {written_by} process(es), resumed by "
+                              f"{comm.world_size}: the sharded optimizer state, the data shards and every rank's RNG "
+                              "belong to the first. Fix: resume with the same number of processes.")
     holds_run = any((out / name).exists() for name in RUN_FILES) or bool(checkpoints(out))
     if holds_run and not (t.overwrite or t.resume):
         raise ConfigError(f"trainer.output_dir: {out} already holds a run. Fix: trainer.resume=auto to continue it, "
