@@ -1,9 +1,11 @@
 """rollout.engine=vllm with the real engine (`make vllm` builds its environment; CI runs these).
 
-One engine per family (tiny Qwen2.5-VL, Qwen2-VL, LLaVA, started from the trainer's weights as
-`mode=colocate` starts it): greedy completions and log-probs equal the HF engine's before and
-after a weight sync; a sync of perturbed weights changes them and syncing the originals back
-restores them exactly; sampled log-probs are those of the processed distribution. The colour
+One engine per family (tiny Qwen2.5-VL, Qwen2-VL, LLaVA, Qwen2-Audio, started from the trainer's
+weights as `mode=colocate` starts it), on text, image, several-image, video (Qwen-VL: the
+frames and fps the trainer sampled) and audio (Qwen2-Audio) prompts: greedy completions and
+log-probs equal the HF engine's before and after a weight sync; a sync of perturbed weights
+changes them and syncing the originals back restores them exactly; sampled log-probs are those
+of the processed distribution. The colour
 demo learns with it. Where no vLLM environment exists these skip, unless
 LIGHTRFT_MM_REQUIRE_VLLM=1 (set by .ci/run), where they fail.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,35 +45,82 @@ def vllm_env():
         pytest.skip(f"no vLLM environment: {e}")
 
 
-def _samples(image_paths) -> list[Sample]:
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory):
+    """Two mp4s (2 s at 8 fps, 84x84; 3 s at 4 fps, 56x112: resized to the grid) and two wavs
+    (1 s at 16 kHz; 0.6 s stereo at 22.05 kHz: resampled by the trainer)."""
+    import soundfile as sf
+
+    from lightrft_mm.datasets.synthetic_video import write_mp4
+
+    root = tmp_path_factory.mktemp("vllm-media")
+    rng = np.random.default_rng(0)
+    files = {k: str(root / f"{k}.{ext}") for k, ext in (("v8", "mp4"), ("v4", "mp4"), ("a16", "wav"), ("a22", "wav"))}
+    write_mp4(files["v8"], rng.integers(0, 256, (16, 84, 84, 3), dtype=np.uint8), fps=8)
+    write_mp4(files["v4"], rng.integers(0, 256, (12, 56, 112, 3), dtype=np.uint8), fps=4)
+    t16, t22 = np.arange(16000) / 16000, np.arange(13230) / 22050
+    sf.write(files["a16"], (0.5 * np.sin(2 * np.pi * 440 * t16)).astype(np.float32), 16000)
+    sf.write(files["a22"], np.stack([0.3 * np.sin(2 * np.pi * 1000 * t22)] * 2, axis=1).astype(np.float32), 22050)
+    return files
+
+
+def _user(*content, system=None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": list(content)}]
+
+
+def _samples(family, image_paths, files) -> list[Sample]:
+    text = {"id": "text", "messages": _user({"type": "text", "text": "How many shapes?"})}
+    if family == "qwen2_audio":
+        rows = [
+            {"id": "tone", "messages": _user({"type": "audio", "audio": files["a16"]},
+                                             {"type": "text", "text": "Is it high?"})},
+            {"id": "tones", "messages": _user({"type": "audio", "audio": files["a22"]}, {"type": "text", "text": "or"},
+                                              {"type": "audio", "audio": files["a16"]}, system="One word.")},
+            text,
+        ]
+        return [Sample.from_dict(r) for r in rows]
     rows = [
-        {"id": "one", "messages": [{"role": "user", "content": [
-            {"type": "image", "image": image_paths[0]}, {"type": "text", "text": "What colour?"}]}]},
-        {"id": "two", "messages": [
-            {"role": "system", "content": "Answer with one word."},
-            {"role": "user", "content": [{"type": "image", "image": image_paths[1]},
-                                         {"type": "text", "text": "and"},
-                                         {"type": "image", "image": image_paths[2]}]}]},
-        {"id": "text", "messages": [{"role": "user", "content": "How many shapes?"}]},
+        {"id": "one", "messages": _user({"type": "image", "image": image_paths[0]},
+                                        {"type": "text", "text": "What colour?"})},
+        {"id": "two", "messages": _user({"type": "image", "image": image_paths[1]}, {"type": "text", "text": "and"},
+                                        {"type": "image", "image": image_paths[2]}, system="Answer with one word.")},
+        text,
     ]
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        # 4 of 8 fps: second_per_grid_ts 0.5, not vLLM's default 1.0; the second video at the default 2 fps.
+        rows += [
+            {"id": "video", "messages": _user({"type": "video", "video": files["v8"], "fps": 4},
+                                              {"type": "text", "text": "Where does it move?"})},
+            {"id": "image+video", "messages": _user({"type": "image", "image": image_paths[0]},
+                                                    {"type": "video", "video": files["v4"]},
+                                                    {"type": "text", "text": "Same colour?"})},
+        ]
     return [Sample.from_dict(r) for r in rows]
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "llava"])
-def served(request, vllm_env, image_paths, tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "llava", "qwen2_audio"])
+def served(request, vllm_env, image_paths, media_files, tmp_path_factory):
     """(model, adapter, strategy, engine, prompts) of one tiny family, the engine serving the
     prepared policy's weights."""
     family = request.param
-    cfg = load_config(None, [f"model.name_or_path=tiny:{family}", "rollout.engine=vllm",
-                             f"rollout.vllm.python={vllm_env}", "rollout.vllm.max_model_len=1024",
-                             "rollout.vllm.timeout_s=300"])
-    model, processor = load_policy(cfg.model, seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        if family == "qwen2_audio":
+            from lightrft_mm.models import tiny
+
+            mp.setattr(tiny, "AUDIO_WINDOW_SECONDS", 30)  # vLLM 0.32 takes only Qwen2-Audio's 30 s window
+        cfg = load_config(None, [f"model.name_or_path=tiny:{family}", "rollout.engine=vllm",
+                                 f"rollout.vllm.python={vllm_env}", "rollout.vllm.max_model_len=1024",
+                                 "rollout.vllm.timeout_s=300"])
+        model, processor = load_policy(cfg.model, seed=0)
     adapter = make_adapter(model, processor)
     strategy = STRATEGIES.get("single")(cfg.strategy, max_grad_norm=1.0)
     model, _ = strategy.prepare(model, lambda params: torch.optim.SGD(params, lr=0.0))
     engine = start_engine(cfg, model, processor, adapter, strategy, folder=tmp_path_factory.mktemp(family) / "engine",
                           seed=0, dtype="float32", model_type=model.config.model_type, lora_scaling=None)
-    yield model, adapter, strategy, engine, adapter.encode_prompts(_samples(image_paths))
+    prompts = adapter.encode_prompts(_samples(family, image_paths, media_files))
+    kinds = {k for e in prompts.encodings for k in e.raw}
+    assert kinds == {"qwen2_audio": {"audio"}, "llava": {"image"}}.get(family, {"image", "video"})
+    yield model, adapter, strategy, engine, prompts
     engine.close()
 
 
@@ -81,7 +131,10 @@ def _assert_same_as_hf(rollouts, model, adapter, prompts):
     want = HFRolloutEngine(model, adapter).generate(prompts, 1, GREEDY)
     assert torch.equal(rollouts.completion_ids, want.completion_ids)
     assert torch.equal(rollouts.completion_mask, want.completion_mask)
-    assert (rollouts.sample_logps - want.sample_logps).abs().max().item() <= LOGP_ATOL
+    real = want.completion_mask.bool()  # the HF engine's padding holds -inf * 0 after an early EOS
+    diff = (rollouts.sample_logps - want.sample_logps)[real].abs().max().item()
+    print(f"max |vLLM - HF| greedy log-prob: {diff:.2e}")  # shown with -s
+    assert diff <= LOGP_ATOL
     assert rollouts.texts == want.texts
 
 

@@ -259,7 +259,7 @@ def video_frame_size(height: int, width: int, num_frames: int, image_processor, 
 
 
 def qwen_video_inputs(frames: np.ndarray, image_processor, *, max_pixels: int | None = None,
-                      total_pixels: int | None = None) -> dict:
+                      total_pixels: int | None = None, frame_size: tuple[int, int] | None = None) -> dict:
     """Qwen2-VL / Qwen2.5-VL video inputs of decoded frames, as `Qwen2VLVideoProcessor` makes them.
 
     Args:
@@ -269,6 +269,8 @@ def qwen_video_inputs(frames: np.ndarray, image_processor, *, max_pixels: int | 
             rescale factor, patch, temporal patch and merge sizes are used).
         max_pixels, total_pixels: per-frame and whole-video pixel budgets (see
             `video_frame_size`); None = the image processor's bounds only.
+        frame_size: (height, width) to resize to instead of `video_frame_size`'s (multiples of
+            patch_size * merge_size; a vLLM engine gets frames the trainer already sized).
 
     Returns:
         {"pixel_values_videos": float32 tensor [N, C * tp * p * p],
@@ -282,8 +284,8 @@ def qwen_video_inputs(frames: np.ndarray, image_processor, *, max_pixels: int | 
         raise MediaError(f"video frames must be uint8 [T, H, W, 3] with T >= 1, got shape {frames.shape}.")
     ip = image_processor
     p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
-    height, width = video_frame_size(frames.shape[1], frames.shape[2], frames.shape[0], ip,
-                                     max_pixels=max_pixels, total_pixels=total_pixels)
+    height, width = frame_size or video_frame_size(frames.shape[1], frames.shape[2], frames.shape[0], ip,
+                                                   max_pixels=max_pixels, total_pixels=total_pixels)
     mean = np.array(ip.image_mean, dtype=np.float32)
     std = np.array(ip.image_std, dtype=np.float32)
     out = []

@@ -10,10 +10,11 @@ vLLM pins its own torch and transformers, so the engine runs in vLLM's environme
 
 Every rank sends its own prompts; the engine serialises them. The prompt is the trainer's: its
 token ids (each media placeholder run collapsed to one token, which vLLM expands again from the
-media) and its images, and the engine's expanded prompt is checked equal to the trainer's. The
-log-probs returned are those of the distribution sampled from (vLLM's processed log-probs:
-suppression, repetition penalty, temperature, top-k, top-p); the trainer recomputes the
-policy's own (`records_policy_logps = False`). After every optimizer step `sync` streams the
+media) and its media as the adapter decoded, sampled and sized them (images, video frames with
+their fps, audio waveforms: `vllm_media`), and the engine's expanded prompt is checked equal to
+the trainer's. The log-probs returned are those of the distribution sampled from (vLLM's
+processed log-probs: suppression, repetition penalty, temperature, top-k, top-p); the trainer
+recomputes the policy's own (`records_policy_logps = False`). After every optimizer step `sync` streams the
 weights from the strategy one tensor at a time (ZeRO-3 / FSDP2 gathered per parameter, LoRA
 merged), in files of at most `CHUNK_BYTES`, which the engine loads in place; loading resets its
 prefix, encoder and multimodal caches.
@@ -21,10 +22,8 @@ prefix, encoder and multimodal caches.
 
 from __future__ import annotations
 
-import base64
 import copy
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -42,12 +41,14 @@ import torch
 
 from lightrft_mm.errors import RolloutError
 from lightrft_mm.rollout.hf import Rollouts, SamplingParams, completion_mask_from
+from lightrft_mm.rollout.vllm_media import audio_window_problem, prompt_media
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # weights per transferred file
 # Model families vLLM serves that this engine has an adapter for (model_type of config.json).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2", "qwen2_audio")
+MEDIA = ("image", "video", "audio")  # the kinds of `PromptEncoding.raw` sent to the engine
 PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<image>", "<|AUDIO|>")
 INSTALL = ("Fix: `make vllm` builds vLLM's environment in .venv-vllm (CPU), or pip install 'lightrft_mm[vllm]' "
            "in a Python of its own (GPU); then rollout.vllm.python=<that python>.")
@@ -69,6 +70,9 @@ def config_problems(cfg) -> list[str]:
     if family and family not in FAMILIES:
         problems.append(f"rollout.engine=vllm: model type {family!r} is not served by this engine. It serves: "
                         f"{', '.join(FAMILIES)}. Fix: rollout.engine=hf.")
+    if family == "qwen2_audio" and (frames := _audio_frames(cfg.model.name_or_path)) is not None:
+        if problem := audio_window_problem(frames, cfg.model.name_or_path):
+            problems.append(problem)
     if r.fire_temperature > 0:
         problems.append("rollout.fire_temperature: vLLM samples a request at one temperature, so FIRE needs the hf "
                         "engine. Fix: rollout.engine=hf, or rollout.fire_temperature=0.")
@@ -85,6 +89,19 @@ def config_problems(cfg) -> list[str]:
         except RolloutError as e:
             problems.append(str(e))
     return problems
+
+
+def _audio_frames(name_or_path: str) -> int | None:
+    """The feature window (frames) of a Qwen2-Audio model known without loading it, else None."""
+    if name_or_path.startswith("tiny:"):
+        from lightrft_mm.models import tiny
+
+        return int(tiny.AUDIO_WINDOW_SECONDS * 100)  # Whisper features: hop 160 at 16 kHz
+    try:
+        extractor = json.loads((Path(name_or_path) / "preprocessor_config.json").read_text())
+        return int(extractor["nb_max_frames"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def vllm_python(configured: str) -> str:
@@ -104,12 +121,23 @@ def vllm_python(configured: str) -> str:
                        f"was found (rollout.vllm.python, $LIGHTRFT_MM_VLLM_PYTHON, .venv-vllm). {INSTALL}")
 
 
+# Qwen2-Audio in vLLM loads the released checkpoints' names (no mapper for transformers 5's).
+_QWEN2_AUDIO_NAMES = (("model.audio_tower.", "audio_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                      ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+
+
 def engine_name(name: str, model_type: str) -> str:
     """A state-dict name of the training model as vLLM's loader expects it. LLaVA's CLIP tower is
-    `vision_tower.<layers>` in transformers 5 and `vision_tower.vision_model.<layers>` in vLLM."""
+    `vision_tower.<layers>` in transformers 5 and `vision_tower.vision_model.<layers>` in vLLM;
+    Qwen2-Audio's parts are `model.audio_tower.` ... in transformers 5 and `audio_tower.`,
+    `language_model.model.` ... in vLLM (the released checkpoints' names)."""
     if model_type in ("llava", "llava_next") and name.startswith("model.vision_tower.") \
             and not name.startswith("model.vision_tower.vision_model."):
         return "model.vision_tower.vision_model." + name[len("model.vision_tower."):]
+    if model_type == "qwen2_audio":
+        for old, new in _QWEN2_AUDIO_NAMES:
+            if name.startswith(old):
+                return new + name[len(old):]
     return name
 
 
@@ -210,13 +238,13 @@ class VLLMRolloutEngine:
                                "Fix: rollout.engine=hf for FIRE sampling.")
         requests, full_prompts = [], []
         for enc in prompts.encodings:
-            if set(enc.raw) - {"image"}:
-                raise RolloutError(f"rollout.engine=vllm: prompts with {', '.join(sorted(set(enc.raw) - {'image'}))} "
-                                   "are not sent to vLLM yet (text and images are). Fix: rollout.engine=hf.")
+            if other := set(enc.raw) - set(MEDIA):
+                raise RolloutError(f"rollout.engine=vllm: prompts with {', '.join(sorted(other))} media are not sent "
+                                   f"to vLLM (it gets {', '.join(MEDIA)}). Fix: rollout.engine=hf.")
             ids = enc.input_ids.tolist()
             full_prompts.append(ids)
             requests.append({"prompt_token_ids": compact_prompt(ids, self.placeholder_ids),
-                             "images": [_png(im) for im in enc.raw.get("image", [])]})
+                             **prompt_media(enc, self.adapter)})
         self._calls += 1
         rank = self.comm.rank if self.comm is not None else 0
         seed = (self.seed * 1_000_003 + self._calls * 10_007 + rank * 7_919_993) % 2**31  # GPU engines
@@ -307,12 +335,6 @@ class VLLMRolloutEngine:
         self.process = None
 
 
-def _png(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -324,6 +346,10 @@ def start_engine(cfg, model, processor, adapter, strategy, *, folder: Path, seed
     """The engine of `rollout.vllm` (colocate: written and started here; server: reached at its
     url), and a client on every rank. Collective."""
     v = cfg.rollout.vllm
+    extractor = getattr(processor, "feature_extractor", None)
+    if model_type == "qwen2_audio" and extractor is not None:
+        if problem := audio_window_problem(int(extractor.nb_max_frames), cfg.model.name_or_path):
+            raise RolloutError(problem)
     torch_dtype = getattr(torch, v.dtype if v.dtype != "auto" else dtype)
     process, url = None, v.url
     if v.mode == "colocate":

@@ -3,12 +3,14 @@
 
 It runs in vLLM's own Python environment (vLLM pins its own torch and transformers), started by
 the trainer itself (`rollout.vllm.mode=colocate`: a child process on the trainer's machine) or
-by you on other GPUs or nodes (`mode=server`, `rollout.vllm.url`). Only the standard library,
-vLLM and safetensors are imported: the rest of the package is not needed here.
+by you on other GPUs or nodes (`mode=server`, `rollout.vllm.url`). Besides the standard library,
+vLLM and safetensors it imports only `vllm_shims`, `vllm_worker` and `vllm_media` (with
+`processors.video`) of this package: the trainer's dependencies are not needed here. The media
+of a prompt are those of `vllm_media.prompt_media`.
 
 Endpoints (JSON unless said):
     GET  /health            -> {"model", "vocab_size", "sleep"}
-    POST /generate          {"prompts": [{"prompt_token_ids", "images": [base64 PNG]}], "n",
+    POST /generate          {"prompts": [{"prompt_token_ids", "images", "videos", "audios"}], "n",
                              "sampling": {...}, "suppress": [ids]} -> {"outputs": [{
                              "prompt_token_ids", "completions": [{"token_ids", "logprobs"}]}]}
     PUT  /weights/<file>    a safetensors file (bytes) staged for the next commit
@@ -19,8 +21,6 @@ Endpoints (JSON unless said):
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import logging
 import os
@@ -38,8 +38,9 @@ WORKER_EXTENSION = "lightrft_mm.rollout.vllm_worker.WeightSync"
 
 
 def use_cpu_shims() -> None:
-    """Where torchvision is absent, every process of the engine (vLLM starts several) loads the
-    import shims of `vllm_shims` through the `vllm_cpu/sitecustomize.py` start-up hook."""
+    """The processor shims of `vllm_shims` in this process (the one that processes the prompts'
+    media); where torchvision is absent every other process of the engine (vLLM starts several)
+    loads them too, through the `vllm_cpu/sitecustomize.py` start-up hook."""
     from lightrft_mm.rollout import vllm_shims
 
     if vllm_shims.install():
@@ -73,7 +74,10 @@ class Engine:
         kwargs = dict(model=model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                       tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", runner="generate",
                       worker_extension_cls=WORKER_EXTENSION, enforce_eager=not self.on_gpu,
-                      enable_sleep_mode=self.sleep_enabled, max_logprobs=1)
+                      enable_sleep_mode=self.sleep_enabled, max_logprobs=1,
+                      # Pixels rescaled and normalised by the processors on the CPU, as the trainer's
+                      # are (vLLM's default moves that to the device, in other float arithmetic).
+                      mm_device_do_normalize=False)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         self.model = model
@@ -84,8 +88,9 @@ class Engine:
         self.asleep = False
 
     def generate(self, body: dict) -> dict:
-        from PIL import Image
         from vllm import SamplingParams
+
+        from lightrft_mm.rollout.vllm_media import engine_media
 
         s, n = body["sampling"], int(body["n"])
         suppress = set(body.get("suppress", []))
@@ -98,9 +103,9 @@ class Engine:
         prompts = []
         for p in body["prompts"]:
             prompt = {"prompt_token_ids": [int(t) for t in p["prompt_token_ids"]]}
-            images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in p.get("images", [])]
-            if images:
-                prompt["multi_modal_data"] = {"image": images}
+            media = engine_media(p)
+            if media:
+                prompt["multi_modal_data"] = media
             prompts.append(prompt)
         with self.lock:
             self._awake()

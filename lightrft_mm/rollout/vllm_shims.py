@@ -1,12 +1,18 @@
-"""Import shims that let vLLM's vision-language models load where torchvision cannot be
-installed (CPU machines with torch 2.13: DESIGN §10). Standard library only; lazy: nothing is
+"""Import shims for the processors of a vLLM engine. Standard library only; lazy: nothing is
 imported until vLLM imports it.
 
+Where torchvision cannot be installed (CPU machines with torch 2.13: DESIGN §10):
 - `transformers.models.qwen2_vl.image_processing_qwen2_vl` and `...pixtral.image_processing_pixtral`
   import torchvision at module top; vLLM only takes helper functions from them, which their PIL
   twins (`image_processing_pil_*`) define too: those are served under the old names.
 - transformers' processors that list a video processor fail to build without one (it needs
-  torchvision): they are built without it (the trainer never sends videos to such an engine).
+  torchvision): they are built without it.
+
+Everywhere (torchvision or not), the Qwen2-VL / Qwen2.5-VL processors get
+`vllm_media.QwenVideoProcessor`, the trainer's own video math on the frames the trainer sampled,
+so the engine's video patches are the trainer's; other processors that want a video processor
+get `NoVideoProcessor` where torchvision is absent (no family the trainer serves with vLLM has
+videos there).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import sys
 ALIASES = {f"transformers.models.{family}.image_processing_{family}":
            f"transformers.models.{family}.image_processing_pil_{family}" for family in ("qwen2_vl", "pixtral")}
 PATCHED = "transformers.processing_utils"
+QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")  # as vllm_media's
 
 
 class _Alias(importlib.abc.Loader):
@@ -32,48 +39,68 @@ class _Alias(importlib.abc.Loader):
         pass
 
 
-class _PatchAfter(importlib.abc.Loader):
-    """Runs the real loader, then leaves the video processor out of every processor's parts."""
+def patch_processors(module, *, drop_video: bool) -> None:
+    """Patch `transformers.processing_utils` (see the module docstring). drop_video: leave the
+    video processor out of every processor's parts (no torchvision to build one)."""
+    mixin = module.ProcessorMixin
+    if getattr(mixin, "_lightrft_patched", False):
+        return
+    attributes = mixin.get_attributes.__func__
+    if drop_video:
+        def get_attributes(cls):
+            return [a for a in attributes(cls) if a != "video_processor"]
 
-    def __init__(self, loader):
-        self.loader = loader
+        mixin.get_attributes = classmethod(get_attributes)
+    init = mixin.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if "video_processor" not in attributes(type(self)):
+            return
+        if any(c.__name__ in QWEN_VL_PROCESSORS for c in type(self).__mro__):
+            from lightrft_mm.rollout.vllm_media import QwenVideoProcessor
+
+            self.video_processor = QwenVideoProcessor(self.image_processor)
+        elif getattr(self, "video_processor", None) is None:
+            self.video_processor = NoVideoProcessor()
+
+    mixin.__init__ = __init__
+    mixin._lightrft_patched = True
+
+
+class _PatchAfter(importlib.abc.Loader):
+    """Runs the real loader, then `patch_processors`."""
+
+    def __init__(self, loader, drop_video: bool):
+        self.loader, self.drop_video = loader, drop_video
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        attributes = module.ProcessorMixin.get_attributes.__func__
-
-        def get_attributes(cls):
-            return [a for a in attributes(cls) if a != "video_processor"]
-
-        module.ProcessorMixin.get_attributes = classmethod(get_attributes)
-        init = module.ProcessorMixin.__init__
-
-        def __init__(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            if "video_processor" in attributes(type(self)) and getattr(self, "video_processor", None) is None:
-                self.video_processor = NoVideoProcessor()
-
-        module.ProcessorMixin.__init__ = __init__
+        patch_processors(module, drop_video=self.drop_video)
 
 
 class NoVideoProcessor(dict):
-    """Stands where a torchvision video processor would (an empty dict, so the processor still
-    serialises): vLLM reads its accepted keywords (none);
+    """Stands where a torchvision video processor would in processors other than Qwen-VL's (an
+    empty dict, so the processor still serialises): vLLM reads its accepted keywords (none);
     processing a video with it raises."""
 
     valid_kwargs = type("NoVideoKwargs", (), {"__annotations__": {}})  # no keyword accepted
 
     def __call__(self, *args, **kwargs):
-        raise RuntimeError("this CPU vLLM engine has no video processor (torchvision is absent): videos "
-                           "cannot be sampled here. Fix: rollout.engine=hf for video data.")
+        raise RuntimeError("this CPU vLLM engine has no video processor for this model family (torchvision is "
+                           "absent; only Qwen2-VL / Qwen2.5-VL get one of lightrft_mm's). "
+                           "Fix: rollout.engine=hf for its video data.")
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    def __init__(self, no_torchvision: bool):
+        self.no_torchvision = no_torchvision
+
     def find_spec(self, name, path, target=None):
-        if name in ALIASES:
+        if name in ALIASES and self.no_torchvision:
             return importlib.util.spec_from_loader(name, _Alias(ALIASES[name]))
         if name == PATCHED:
             for finder in sys.meta_path:
@@ -81,14 +108,17 @@ class _Finder(importlib.abc.MetaPathFinder):
                     continue
                 spec = finder.find_spec(name, path, target)
                 if spec is not None:
-                    spec.loader = _PatchAfter(spec.loader)
+                    spec.loader = _PatchAfter(spec.loader, self.no_torchvision)
                     return spec
         return None
 
 
 def install() -> bool:
-    """Install the shims when torchvision is absent; True when installed."""
-    if importlib.util.find_spec("torchvision") is not None or any(isinstance(f, _Finder) for f in sys.meta_path):
-        return False
-    sys.meta_path.insert(0, _Finder())
-    return True
+    """Install the shims in this process (once). True when torchvision is absent: then every
+    process of the engine needs them (vLLM starts several; `vllm_cpu/sitecustomize.py`)."""
+    no_torchvision = importlib.util.find_spec("torchvision") is None
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        if PATCHED in sys.modules:  # imported already: patch it in place
+            patch_processors(sys.modules[PATCHED], drop_video=no_torchvision)
+        sys.meta_path.insert(0, _Finder(no_torchvision))
+    return no_torchvision

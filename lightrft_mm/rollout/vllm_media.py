@@ -1,0 +1,190 @@
+"""The media of a rollout prompt on its way to a vLLM engine, and the engine's Qwen video processor.
+
+The trainer's adapter has already decoded, sampled and sized every media item; the engine must
+see the same items, so that vLLM's expansion of the prompt and its pixel values / features equal
+the trainer's:
+
+- images: the PIL images the processor was given, as PNG (lossless);
+- videos (Qwen2-VL / Qwen2.5-VL): the frames the adapter sampled, resized to the grid the
+  adapter's processor chose (`video_grid_thw` x patch size, with the same PIL resampler), as PNG,
+  with the sampled fps when the family uses it (Qwen2.5-VL's `second_per_grid_ts` is
+  temporal_patch / fps). vLLM gets them with `do_sample_frames=False`, and `QwenVideoProcessor`
+  (installed into the engine's Qwen-VL processors by `vllm_shims`) turns them into patches with
+  the trainer's own code (`processors.video.qwen_video_inputs`): frames already at the grid are
+  not resampled again, so the values are the trainer's bit for bit;
+- audio (Qwen2-Audio): the mono float32 waveform at the feature extractor's rate, raw.
+
+`prompt_media` runs in the trainer; `engine_media` and `QwenVideoProcessor` run in vLLM's
+environment (numpy, PIL and torch only, plus `processors.video`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+# vLLM 0.32 takes Qwen2-Audio features of exactly 3000 frames (a 30 s Whisper window): its
+# Qwen2AudioFeatureInputs schema is TensorShape("na", "nmb", 3000)
+# (vllm/model_executor/models/qwen2_audio.py).
+VLLM_AUDIO_FRAMES = 3000
+
+
+def audio_window_problem(nb_max_frames: int, where: str) -> str | None:
+    """Why vLLM cannot serve a Qwen2-Audio model with this feature window, or None."""
+    if nb_max_frames == VLLM_AUDIO_FRAMES:
+        return None
+    return (f"rollout.engine=vllm: {where} has a {nb_max_frames / 100:g} s audio window ({nb_max_frames} feature "
+            f"frames); vLLM 0.32's Qwen2-Audio takes only {VLLM_AUDIO_FRAMES} (30 s, the released models' "
+            "window: Qwen2AudioFeatureInputs in vllm/model_executor/models/qwen2_audio.py). "
+            "Fix: rollout.engine=hf for this model.")
+
+
+# -- trainer side ------------------------------------------------------------------------------
+def png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def prompt_media(enc, adapter) -> dict:
+    """The JSON media of one `PromptEncoding` (see the module docstring). Every kind in
+    `enc.raw` must be one the engine takes (the caller checks)."""
+    out = {}
+    if enc.raw.get("image"):
+        out["images"] = [png(im) for im in enc.raw["image"]]
+    if enc.raw.get("video"):
+        out["videos"] = [_video(frames, i, enc, adapter) for i, frames in enumerate(enc.raw["video"])]
+    if enc.raw.get("audio"):
+        rate = int(adapter.sampling_rate)
+        out["audios"] = [{"data": base64.b64encode(np.asarray(a, dtype="<f4").tobytes()).decode(),
+                          "sampling_rate": rate} for a in enc.raw["audio"]]
+    return out
+
+
+def _video(frames, i: int, enc, adapter) -> dict:
+    from PIL import Image
+
+    ip = adapter.image_processor
+    _, gh, gw = (int(x) for x in enc.media["video_grid_thw"][i])
+    height, width = gh * ip.patch_size, gw * ip.patch_size
+    sized = []
+    for frame in np.asarray(frames):
+        image = Image.fromarray(frame)
+        if frame.shape[:2] != (height, width):  # as qwen_video_inputs resizes
+            image = image.resize((width, height), resample=int(ip.resample))
+        sized.append(png(image))
+    video = {"frames": sized}
+    if "second_per_grid_ts" in enc.media:
+        # tp / (tp / seconds) gives back the trainer's float32 seconds once vLLM stores it as float32.
+        video["fps"] = ip.temporal_patch_size / float(enc.media["second_per_grid_ts"][i])
+    return video
+
+
+# -- engine side -------------------------------------------------------------------------------
+def _image(data: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def engine_media(prompt: dict) -> dict:
+    """vLLM's `multi_modal_data` for one request prompt (empty when it has no media)."""
+    data = {}
+    if prompt.get("images"):
+        data["image"] = [_image(b) for b in prompt["images"]]
+    if prompt.get("videos"):
+        videos = []
+        for v in prompt["videos"]:
+            frames = np.stack([np.asarray(_image(f)) for f in v["frames"]])
+            meta = {"total_num_frames": len(frames), "frames_indices": list(range(len(frames))),
+                    "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+                    "video_backend": "lightrft_mm", "do_sample_frames": False}
+            if v.get("fps"):
+                meta.update(fps=float(v["fps"]), duration=len(frames) / float(v["fps"]))
+            videos.append((frames, meta))
+        data["video"] = videos
+    if prompt.get("audios"):
+        data["audio"] = [(np.frombuffer(base64.b64decode(a["data"]), dtype="<f4").copy(), int(a["sampling_rate"]))
+                         for a in prompt["audios"]]
+    return data
+
+
+class QwenVideoProcessor(dict):
+    """The video processor of a Qwen2-VL / Qwen2.5-VL processor inside a vLLM engine: the
+    trainer's `qwen_video_inputs` on the frames the trainer sampled (never sampled again).
+
+    transformers' `Qwen2VLVideoProcessor` needs torchvision, and where it exists it resizes with
+    torchvision, not as the trainer does. A dict (empty), so that the processor still
+    serialises; the sizes and pixel statistics are the image processor's, as in the trainer.
+    """
+
+    # The keywords transformers and vLLM route to a video processor (what __call__ accepts).
+    valid_kwargs = type("QwenVideoKwargs", (), {"__annotations__": {
+        "do_sample_frames": bool, "video_metadata": object, "return_metadata": bool, "do_rescale": bool,
+        "do_normalize": bool}})
+
+    def __init__(self, image_processor):
+        super().__init__()
+        self.image_processor = image_processor
+        self.patch_size = image_processor.patch_size
+        self.merge_size = image_processor.merge_size
+        self.temporal_patch_size = image_processor.temporal_patch_size
+
+    def __call__(self, videos=None, *, video_metadata=None, return_metadata=False, return_tensors=None,
+                 do_sample_frames=None, do_rescale=None, do_normalize=None, **kwargs):
+        import torch
+        from transformers import BatchFeature
+        from transformers.video_utils import VideoMetadata
+
+        from lightrft_mm.processors.video import qwen_video_inputs
+
+        if do_sample_frames:
+            raise ValueError("this engine's video processor does not sample frames: the trainer sends the frames "
+                             "it sampled. Fix: do_sample_frames=False (the lightrft_mm client sends it).")
+        if do_rescale is False or do_normalize is False:
+            raise ValueError("this engine's video processor rescales and normalises on the CPU, as the trainer "
+                             "does. Fix: start vLLM with mm_device_do_normalize=False (lightrft-mm vllm-serve does).")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("device", "input_data_format"))
+        if unknown:
+            raise ValueError(f"this engine's video processor takes no {', '.join(unknown)}: frames arrive sampled "
+                             "and sized by the trainer's adapter.")
+        if videos is None:
+            videos = []
+        elif isinstance(videos, np.ndarray) and videos.ndim == 4:
+            videos = [videos]
+        clips = [np.stack([np.asarray(f) for f in v]) if isinstance(v, (list, tuple)) else np.asarray(v)
+                 for v in videos]
+        clips = [c.numpy() if isinstance(c, torch.Tensor) else c for c in clips]
+        factor = self.patch_size * self.merge_size
+        # Frames at multiples of patch * merge size were sized by the trainer (the client resizes them to its
+        # grid): kept. Others (vLLM's profiling inputs) are sized by the image processor's bounds.
+        outs = [qwen_video_inputs(c.astype(np.uint8, copy=False), self.image_processor,
+                                  frame_size=c.shape[1:3] if c.shape[1] % factor == c.shape[2] % factor == 0 else None)
+                for c in clips]
+        data = {"pixel_values_videos": torch.cat([o["pixel_values_videos"] for o in outs]) if outs else
+                torch.zeros((0, 3 * self.temporal_patch_size * self.patch_size ** 2)),
+                "video_grid_thw": torch.cat([o["video_grid_thw"] for o in outs]) if outs else
+                torch.zeros((0, 3), dtype=torch.long)}
+        if return_metadata:
+            metas = video_metadata if isinstance(video_metadata, (list, tuple)) else [video_metadata] * len(clips)
+            if len(metas) != len(clips) or any(m is None or not m.get("fps") for m in metas):
+                raise ValueError("video metadata with the sampled fps is needed for every video (Qwen2.5-VL's "
+                                 "second_per_grid_ts = temporal_patch / fps); the lightrft_mm client sends it.")
+            data["video_metadata"] = [m if isinstance(m, VideoMetadata) else
+                                      VideoMetadata(**{k: v for k, v in m.items() if k != "do_sample_frames"})
+                                      for m in metas]
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["video_metadata"])
+
+    def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs=None) -> int:
+        from lightrft_mm.processors.video import video_frame_size
+
+        factor = self.patch_size * self.merge_size
+        h, w = (height, width) if height % factor == width % factor == 0 else \
+            video_frame_size(height, width, num_frames, self.image_processor)
+        t = -(-num_frames // self.temporal_patch_size)
+        return t * (h // self.patch_size) * (w // self.patch_size)
+
+
+__all__ = ["QwenVideoProcessor", "audio_window_problem", "engine_media", "prompt_media"]
