@@ -131,7 +131,8 @@ class VLLMConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: str = opt("hf", "Rollout engine: hf (transformers generate in the trainer, CPU or GPU) or vllm (a vLLM "
-                      "engine in its own process, rollout.vllm; text and image prompts).", choices=("hf", "vllm"))
+                      "engine in its own process, rollout.vllm; text, image, Qwen-VL video and Qwen2-Audio prompts).",
+                      choices=("hf", "vllm"))
     n: int = opt(8, "Completions sampled per prompt (the GRPO group size).", low=2)
     max_new_tokens: int = opt(64, "Longest completion, in tokens.", low=1)
     temperature: float = opt(1.0, "Sampling temperature.", low=1e-3)

@@ -231,7 +231,10 @@ class HFRolloutEngine:
         ids = out.sequences[:, batch.input_ids.shape[1]:]
         mask = completion_mask_from(ids, self.adapter.eos_token_id)
         ids = ids.masked_fill(mask == 0, self.adapter.pad_token_id)
-        return Rollouts(batch, ids, mask, logps * mask, self.adapter.decode(ids), n, sample_logps * mask)
+        # Padding after an early end of turn is a suppressed token, -inf under the sampled
+        # distribution: zeroed by masked_fill (a product with the mask would give NaN).
+        return Rollouts(batch, ids, mask, logps * mask, self.adapter.decode(ids), n,
+                        sample_logps.masked_fill(mask == 0, 0.0))
 
     records_policy_logps = True  # `logps` is the policy at the sampling temperature
 
