@@ -141,7 +141,8 @@ def test_clip_acts_on_later_epochs(shards, tmp_path):
 def test_output_flags(shards, tmp_path):
     summary = train(_cfg(shards, tmp_path, "trainer.max_steps=2", "trainer.save_every=1", "logging.plot=false",
                          "logging.completions=0", "data.eval_max_samples=3", "trainer.eval_every=0"))
-    assert (tmp_path / "checkpoint-1").is_dir() and (tmp_path / "checkpoint-2").is_dir()
+    # The last step is saved once, as checkpoint-final.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-final"]
     assert not (tmp_path / "curves.png").exists() and not (tmp_path / "trajectories.jsonl").exists()
     assert summary["heldout"] == 3
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
