@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lightrft-mm", description="Multimodal reinforcement fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _seeing_parsers(sub)
     keys = "config keys:\n" + help_text()
     fmt = argparse.RawDescriptionHelpFormatter
     _config_args(sub.add_parser("train", help="train with a config", epilog=keys, formatter_class=fmt))
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "validate":
+    if args.command in ("plot", "view"):
+        return _see(args)
+    elif args.command == "validate":
         return _validate(args.items, args.import_plugins)
     elif args.command == "train":
         from lightrft_mm.config import load_config
@@ -136,6 +139,45 @@ def _validate(items: list[str], import_plugins: bool) -> int:
             print(f"error: {error}" + (f"\n({how})" if how else ""), file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def _seeing_parsers(sub) -> None:
+    plot = sub.add_parser("plot", help="PNG curves of one or more runs (overlaid to compare them)")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="the PNG (default: RUN/plot.png for one run, ./plot.png for "
+                      "several)")
+    plot.add_argument("--keys", nargs="+", default=None, metavar="KEY",
+                      help="metrics to draw, one panel each; patterns such as 'reward/*' allowed (default: reward "
+                           "mean and per reward function, eval/accuracy, loss/kl, entropy, completion/length, "
+                           "completion/truncated, time/step)")
+    view = sub.add_parser("view", help="a static HTML page of a run's trajectories (logging.trajectories_every)")
+    view.add_argument("run", metavar="RUN", help="the run folder")
+    view.add_argument("--out", default=None, help="the view folder (default: RUN/view)")
+    view.add_argument("--last", type=int, default=None, metavar="K", help="only the last K saved steps")
+
+
+def _see(args: argparse.Namespace) -> int:
+    """`plot` and `view`: a missing or malformed metrics file is an error line, not a traceback."""
+    from pathlib import Path
+
+    if args.command == "view":
+        from lightrft_mm.view import build_view
+
+        index = build_view(Path(args.run), Path(args.out) if args.out else None, last=args.last)
+        print(f"view: {index} (open it in a browser: file://{index.resolve()})")
+        return 0
+    from lightrft_mm.trainer.plot import plot_runs
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png" if len(args.runs) == 1 else Path("plot.png")
+    if len(args.runs) == 1 and not args.out and not Path(args.runs[0]).is_dir():
+        out = Path(args.runs[0]).parent / "plot.png"
+    try:
+        panels = plot_runs([Path(r) for r in args.runs], out, keys=args.keys)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"plot: {out} ({len(panels)} panels: {', '.join(panels)})")
+    return 0
 
 
 if __name__ == "__main__":

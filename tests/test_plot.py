@@ -78,3 +78,73 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, lightrft_mm.trainer.plot; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def _run(folder, records):
+    folder.mkdir(parents=True)
+    _write_metrics(folder / "metrics.jsonl", records)
+    return folder
+
+
+def _training_lines(scale, entropy=False):
+    rows = [{"step": 0, "eval/accuracy": 0.1 * scale, "params/llm/trainable": 5}]
+    for step in range(1, 5):
+        row = {"step": step, "reward/mean": 0.2 * step * scale, "reward/std": 0.1, "reward/errors": 0,
+               "reward/exact_match": 0.1 * step * scale, "reward/exact_match/std": 0.0,
+               "reward/boxed_format": 0.5, "reward/boxed_format/none_rate": 0.0, "loss/kl": 0.01 * step,
+               "completion/length": 7.0 + step, "completion/truncated": 0.5, "time/step": 0.3}
+        if entropy:
+            row["loss/entropy"] = 2.0 / step
+        rows.append(row)
+    rows.append({"step": 4, "final": True, "eval/accuracy": 0.4 * scale})
+    return rows
+
+
+def test_plot_runs_overlays_runs_with_the_default_panels(tmp_path):
+    from lightrft_mm.trainer.plot import plot_runs, run_labels
+
+    a = _run(tmp_path / "runs" / "a", _training_lines(1.0))
+    b = _run(tmp_path / "runs" / "b", _training_lines(2.0, entropy=True))
+    panels = plot_runs([a, b / "metrics.jsonl"], tmp_path / "out" / "compare.png")
+    assert panels == ["reward/mean", "reward/exact_match", "reward/boxed_format", "eval/accuracy", "loss/kl",
+                      "loss/entropy", "completion/length", "completion/truncated", "time/step"]
+    with Image.open(tmp_path / "out" / "compare.png") as image:
+        assert image.format == "PNG" and image.size[0] > 1000  # two columns of panels
+    assert run_labels([a, b / "metrics.jsonl"]) == ["a", "b"]
+    assert read_series(b / "metrics.jsonl", ["eval/accuracy"]) == {"eval/accuracy": [(0.0, 0.2), (4.0, 0.8)]}
+
+    # a panel with no data in any run is left out; patterns expand against the runs' keys
+    assert plot_runs([a], tmp_path / "one.png") == [p for p in panels if p != "loss/entropy"]
+    assert plot_runs([a, b], tmp_path / "r.png", keys=["reward/*_match", "loss/entropy"]) == [
+        "reward/exact_match", "loss/entropy"]
+
+
+def test_plot_runs_errors_name_the_problem(tmp_path):
+    from lightrft_mm.trainer.plot import plot_runs
+
+    a = _run(tmp_path / "a", _training_lines(1.0))
+    with pytest.raises(ValueError, match="keys these runs logged: eval/accuracy"):
+        plot_runs([a], tmp_path / "x.png", keys=["nope"])
+    with pytest.raises(FileNotFoundError, match="no such metrics file"):
+        plot_runs([a, tmp_path / "missing"], tmp_path / "x.png")
+    assert run_labels_collide(tmp_path) == [str(tmp_path / "p" / "run"), str(tmp_path / "q" / "run")]
+
+
+def run_labels_collide(tmp_path):
+    from lightrft_mm.trainer.plot import run_labels
+
+    runs = [_run(tmp_path / "p" / "run", []), _run(tmp_path / "q" / "run", [])]
+    return run_labels(runs)
+
+
+def test_plot_cli_writes_png(tmp_path, capsys):
+    from lightrft_mm.cli import main
+
+    a = _run(tmp_path / "a", _training_lines(1.0))
+    b = _run(tmp_path / "b", _training_lines(2.0))
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "c.png"), "--keys", "reward/mean"]) == 0
+    assert "c.png" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
+    assert main(["plot", str(a)]) == 0
+    assert (a / "plot.png").stat().st_size > 0
+    assert main(["plot", str(tmp_path / "none")]) == 1
+    assert "no such metrics file" in capsys.readouterr().err
