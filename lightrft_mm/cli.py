@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lightrft_mm.rewards.cli import build_parser as rewards_parser
 
     rewards_parser(sub.add_parser("rewards", help="registered rewards: list them, score completions with them"))
+    from lightrft_mm.evaluation import build_parser as eval_parser
+
+    eval_parser(sub.add_parser("eval", help="evaluate a checkpoint: greedy accuracy, rewards, per source, pass@k"))
     sub.add_parser("vllm-serve", add_help=False,
                    help="run a vLLM rollout engine for rollout.vllm.mode=server (in vLLM's environment; --help)")
     return parser
@@ -110,6 +113,10 @@ def _run(args: argparse.Namespace) -> int:
         from lightrft_mm.rewards.cli import run as rewards
 
         return rewards(args)
+    elif args.command == "eval":
+        from lightrft_mm.evaluation import run as evaluate
+
+        return evaluate(args)
     return 0
 
 
