@@ -100,6 +100,19 @@ def test_view_links_large_media_instead_of_copying(tmp_path):
     assert not any(n.endswith("big.png") for n in names) and any(n.endswith("red.png") for n in names)
 
 
+def test_media_placer_urls_missing_files_and_dedup(tmp_path):
+    from lightrft_mm.view import MediaPlacer
+
+    placer = MediaPlacer(tmp_path / "view", limit=10)
+    assert placer.href("https://example.org/a.png") == "https://example.org/a.png"
+    assert placer.href(str(tmp_path / "gone.png")) is None
+    small = tmp_path / "a b.png"
+    small.write_bytes(b"12345")
+    first = placer.href(str(small))
+    assert first.startswith("media/") and first.endswith("a%20b.png") and placer.href(str(small)) == first
+    assert placer.copied == 1 and placer.linked == 0
+
+
 def test_view_errors(tmp_path):
     with pytest.raises(DataError, match="logging.trajectories_every"):
         build_view(tmp_path)

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightrft_mm.view.page import CSS, JS
 
 COPY_LIMIT = 2 * 1024 * 1024  # media up to this size are copied into the view; larger ones linked
 _TAGS = {"image": "img", "video": "video", "audio": "audio"}
+_URL = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*://|data:)")
 
 
 def read_trajectories(run: Path, last: int | None = None) -> list[dict]:
@@ -77,6 +79,8 @@ class MediaPlacer:
 
     def href(self, path: str) -> str | None:
         """The URL of ``path`` relative to the page, or None when the file is missing."""
+        if _URL.match(path):  # a remote or data: URL stays as the dataset gave it
+            return path
         source = Path(path).absolute()
         key = str(source)
         if key not in self.placed:
@@ -142,7 +146,7 @@ def _e(text: object) -> str:
 def _num(value: object, signed: bool = False) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "—" if value is None else _e(value)
-    return f"{value:+.3g}" if signed else f"{value:.3g}"
+    return f"{value:+.3g}" if signed and value != 0 else f"{value:.3g}"
 
 
 def _entropy_scale(groups: Sequence[dict]) -> float:
