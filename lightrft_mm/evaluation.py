@@ -117,7 +117,10 @@ def eval_settings(args: argparse.Namespace) -> dict:
     else:
         specs = [RewardSpec(name="exact_match")]
     accuracy = args.accuracy_reward or section.get("trainer", {}).get("accuracy_reward") or "exact_match"
-    problems += [p.replace("trainer.accuracy_reward", "--accuracy-reward") for p in config_problems(specs, accuracy)]
+    found = config_problems(specs, accuracy)
+    if args.rewards is not None:  # name the flag, not a config key
+        found = [p.replace("rewards[", "--rewards[", 1) if p.startswith("rewards[") else p for p in found]
+    problems += [p.replace("trainer.accuracy_reward", "--accuracy-reward") for p in found]
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"eval: {len(problems)} problem(s):\n{lines}\n(lightrft-mm rewards list names the "
@@ -182,7 +185,8 @@ def evaluate_checkpoint(args: argparse.Namespace, settings: dict, comm) -> dict:
         sampling = SamplingParams(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
                                   top_p=s["top_p"], top_k=s["top_k"])
         sampled = score_samples(engine, adapter, samples, fns, n=args.n, sampling=sampling, **common)
-        result["sampled"] = {"per_prompt": args.n, "temperature": s["temperature"], "top_p": s["top_p"], "top_k": s["top_k"],
+        result["sampled"] = {"per_prompt": args.n, "temperature": s["temperature"], "top_p": s["top_p"],
+                             "top_k": s["top_k"],
                              "correct_above": s["correct_above"], "seed": args.seed,
                              **sampled_metrics(sampled, acc, s["ks"], s["correct_above"]),
                              "rewards": summarize(sampled, acc),
