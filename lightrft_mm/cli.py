@@ -1,4 +1,5 @@
-"""`lightrft-mm`: train | validate | demo | prepare | data inspect | rewards list | rewards score | vllm-serve."""
+"""`lightrft-mm`: train | validate | demo | eval | plot | view | prepare | data inspect | rewards list |
+rewards score | vllm-serve."""
 
 from __future__ import annotations
 
