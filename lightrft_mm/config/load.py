@@ -223,6 +223,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     from lightrft_mm.rollout.vllm import config_problems as engine_problems
 
     problems += engine_problems(cfg)
+    from lightrft_mm.trainer.backends import backend_problems
+
+    problems += backend_problems(cfg.logging.backends)
     t = cfg.trainer
     if t.resume and t.overwrite:
         problems.append("trainer.resume: set together with trainer.overwrite, which would delete the run to resume. "

@@ -359,7 +359,23 @@ class WarmupConfig:
 class LoggingConfig:
     progress: bool = opt(True, "Show a progress bar with reward and ETA.")
     plot: bool = opt(True, "Write curves.png (reward and accuracy per step) into the run folder.")
-    completions: int = opt(2, "Completions per step written to trajectories.jsonl (0 = none).", low=0)
+    completions: int = opt(2, "Completions per step written to trajectories.jsonl (0 = none): a short text log; "
+                           "logging.trajectories_every records whole groups.", low=0)
+    backends: list = opt(["jsonl"], "Where every metric of metrics.jsonl also goes (rank 0, same names and steps), "
+                         "any of: jsonl (metrics.jsonl, always on), tensorboard (event files in "
+                         "<output_dir>/tensorboard/), wandb (a run in <output_dir>/wandb/: offline, no network, unless "
+                         "WANDB_MODE is set or an API key is configured; `wandb sync` uploads it), mlflow (a local "
+                         "store in <output_dir>/mlruns/, SQLite + artifacts: `mlflow ui --backend-store-uri "
+                         "sqlite:///<output_dir>/mlruns/mlflow.db`). Each is an optional extra: pip install "
+                         "'lightrft_mm[tensorboard]' (or [wandb], [mlflow]).")
+    trajectories_every: int = opt(10, "Every this many steps, write trajectories/step-<step>.jsonl: each prompt group "
+                                  "with its media, completions, per-token log-probs and entropies, each reward's "
+                                  "score and the advantages (what `lightrft-mm view` shows; 0 = never). Costs one "
+                                  "extra no-grad forward on those steps.", low=0)
+    rollouts_every: int = opt(50, "Every this many steps, the backends other than jsonl get a sample of the "
+                              "rollouts (4 prompt groups: image, prompt, each completion, its rewards and "
+                              "advantage) as a W&B table, TensorBoard images and text, MLflow images and a table "
+                              "(0 = never). Costs one extra no-grad forward on those steps.", low=0)
 
 
 @dataclass(frozen=True)

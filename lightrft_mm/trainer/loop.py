@@ -34,6 +34,7 @@ from lightrft_mm.trainer.checkpoint import prune, read_trainer_state, save_hf, s
 from lightrft_mm.trainer.evaluate import evaluate
 from lightrft_mm.trainer.experience import (equal_groups, informative_batch, micro_batch_rows, mini_batch_rows,
                                             select_rows)
+from lightrft_mm.trainer import trajectories
 from lightrft_mm.trainer.metrics import open_writer, reduce_metrics
 from lightrft_mm.trainer.setup import build_run
 
@@ -61,6 +62,7 @@ def _train(cfg: Config, strategy) -> dict:
     try:
         return _loop(cfg, strategy, run, started)
     finally:
+        run.logger.close()  # metrics.jsonl and the logging backends (a W&B run is finished)
         run.engine.close()  # a vLLM engine this run started
         if run.lock is not None:
             run.lock.release()
@@ -88,8 +90,8 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
                                                          rollouts.completion_mask))]
         return samples, rollouts, inputs, score_rewards(reward_fns, inputs, cfg.rollout.n), skipped
 
-    metrics = open_writer(out / "metrics.jsonl", strategy.is_main)
-    trajectories = open_writer(out / "trajectories.jsonl", strategy.is_main and cfg.logging.completions > 0)
+    metrics = run.logger  # metrics.jsonl and every logging backend (rank 0)
+    completions = open_writer(out / "trajectories.jsonl", strategy.is_main and cfg.logging.completions > 0)
     alg = cfg.algorithm
     pad_id = adapter.pad_token_id
     forward_logprobs = functools.partial(logprobs.forward_logprobs, share_media=cfg.trainer.encode_prompts_once,
@@ -163,6 +165,14 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
         advantages = compute_advantages(alg.advantage, rewards, mask, scale_by_std=alg.scale_by_std,
                                         kl_penalty=kl_penalty, sum_across=strategy.all_reduce)
         advantages = clip_advantages(advantages, alg.adv_clip)
+        # Trajectories (every logging.trajectories_every steps) and the rollouts the backends show
+        # (every logging.rollouts_every): every group with its rewards, advantages and the sampling
+        # policy's per-token log-probs and entropies, so recorded before the update. Collective.
+        to_file, to_backends = trajectories.due(cfg.logging, step)
+        groups = trajectories.step_groups(
+            step, model, forward_logprobs, rollouts, inputs, scored, advantages, temps=temps,
+            tokenizer=adapter.tokenizer, reward_names=[r.name for r in reward_fns.rewards],
+            comm=strategy) if to_file or to_backends else []
 
         # 5. Optimise: epochs x mini-batches of whole groups, on the policy's recomputed log-probs
         #    (same positions as generation). old_logps stay fixed over the updates: the engine's
@@ -202,12 +212,15 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
         if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
             row.update({f"eval/{k}": v for k, v in run_eval().items()})
         metrics.write(row)
+        if strategy.is_main and to_file:
+            trajectories.write_step(out, step, groups)
+        if to_backends:
+            metrics.log_rollouts(step, groups)
         for i in range(min(cfg.logging.completions, len(inputs))):
-            trajectories.write({"step": step, "id": inputs[i].sample.id, "completion": inputs[i].completion,
+            completions.write({"step": step, "id": inputs[i].sample.id, "completion": inputs[i].completion,
                                 "reward": float(scored.rewards.view(-1)[i]),
                                 "advantage": float(masked_mean(advantages[i], rollouts.completion_mask[i]))})
         if state["bad_steps"] >= cfg.trainer.max_bad_steps:
-            metrics.close()
             raise TrainingError(
                 f"steps {step - state['bad_steps'] + 1}-{step}: every optimizer update had a non-finite gradient "
                 f"norm (NaN / inf loss or gradients), {state['bad_steps']} steps in a row "
@@ -227,7 +240,7 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
     after = run_eval()
     metrics.write({"step": cfg.trainer.max_steps, "final": True, **{f"eval/{k}": v for k, v in after.items()}})
     metrics.close()
-    trajectories.close()
+    completions.close()
     summary = {"before": state["before"], "after": after.get("accuracy"),
                "heldout": len(eval_samples), "seconds": round(time.time() - started, 1),
                "steps": cfg.trainer.max_steps, "skipped_media": int(strategy.all_reduce(skipped_media)),

@@ -28,6 +28,7 @@ from lightrft_mm.processors import make_adapter
 from lightrft_mm.rewards import build_reward_set, check_routing
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.trainer.checkpoint import MANIFEST, checkpoints, resume_point
+from lightrft_mm.trainer.backends import open_logger
 from lightrft_mm.trainer.lock import LOCK, RunLock
 from lightrft_mm.trainer.warmup import warmup
 
@@ -55,6 +56,7 @@ class Run:
     parameters: dict  # params/<part>/trainable and /frozen counts
     lock: RunLock | None = None  # the run folder's lock (rank 0)
     resume: Path | None = None  # the checkpoint the strategy state was loaded from
+    logger: object = None  # the RunLogger: metrics.jsonl and the logging backends (rank 0 writes)
 
 
 def build_run(cfg: Config, strategy) -> Run:
@@ -109,10 +111,12 @@ def _build(cfg: Config, strategy, out: Path, lock, resume) -> Run:
     # rebuild a reference that is the warmed-up model (deterministic, so the same one).
     base_is_reference = cfg.model.lora.r > 0 and not cfg.warmup.steps
     needs_copy = cfg.algorithm.kl_coef > 0 and not base_is_reference
+    logger = open_logger(out, cfg.logging, enabled=strategy.is_main, config=to_dict(cfg))
     if cfg.warmup.steps and (resume is None or needs_copy):
         warmup(model, adapter, batches(train_data.samples, cfg.warmup.batch_size, cfg.trainer.seed + 1),
                cfg.warmup, seed=cfg.trainer.seed, device=strategy.device,
-               progress=cfg.logging.progress and strategy.is_main, packed=cfg.trainer.padding_free)
+               progress=cfg.logging.progress and strategy.is_main, packed=cfg.trainer.padding_free,
+               logger=logger if resume is None else None)  # a resumed run logged its warm-up already
     # With LoRA and no warm-up the reference is the policy with its adapters off: no copy.
     ref_model = strategy.prepare_frozen(frozen_copy(model)) if needs_copy else None
     t = cfg.trainer
@@ -130,7 +134,7 @@ def _build(cfg: Config, strategy, out: Path, lock, resume) -> Run:
                               top_k=r.top_k, first_temperature=r.fire_temperature, first_top_k=r.fire_top_k,
                               repetition_penalty=r.repetition_penalty)
     return Run(out, model, processor, adapter, engine, ref_model, sampling, train_data, eval_samples,
-               reward_fns, reward_fns.including(t.accuracy_reward), counts, lock, resume)
+               reward_fns, reward_fns.including(t.accuracy_reward), counts, lock, resume, logger)
 
 
 def make_engine(cfg: Config, model, processor, adapter, strategy, out: Path):

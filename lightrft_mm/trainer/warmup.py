@@ -28,16 +28,17 @@ def format_targets(samples, template: str, rng: random.Random) -> list[str]:
 
 
 def warmup(model, adapter, batch_iter, cfg, *, seed: int, device, progress: bool = True,
-           packed: bool = False) -> list[float]:
+           packed: bool = False, logger=None) -> list[float]:
     """Run `cfg.steps` supervised steps on random-choice targets (padding-free with `packed`);
-    returns the losses."""
+    returns the losses. `logger` (a `RunLogger`) gets one row per step: `{"step": 0,
+    "warmup/step": i, "warmup/loss": x}` (i from 1; the backends plot warmup/* on warmup/step)."""
     rng = random.Random(seed)
     tok = adapter.tokenizer
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model.train()
     losses = []
     bar = tqdm(range(cfg.steps), desc="warm-up", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
+    for i in bar:
         samples = next(batch_iter)
         prompts = adapter.encode_prompts(samples).to(device)
         texts = format_targets(samples, cfg.template, rng)
@@ -54,5 +55,7 @@ def warmup(model, adapter, batch_iter, cfg, *, seed: int, device, progress: bool
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if logger is not None:
+            logger.write({"step": 0, "warmup/step": i + 1, "warmup/loss": losses[-1]})
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
