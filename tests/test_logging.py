@@ -139,6 +139,9 @@ def test_wandb_is_offline_without_a_key(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode() == (None, False)  # W&B's own default (online) for a user who configured a key
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert wandb_mode() == (None, False)  # `wandb login` wrote the key to the netrc file
 
 
 def test_mlflow_store_holds_every_metric(run):

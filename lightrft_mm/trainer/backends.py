@@ -192,7 +192,7 @@ def wandb_mode() -> tuple[str | None, bool]:
     if os.environ.get("WANDB_API_KEY"):
         return None, False
     try:
-        if netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("://")[-1]):
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("://")[-1]):
             return None, False
     except (OSError, netrc.NetrcParseError):
         pass

@@ -85,7 +85,7 @@ def group_records(step: int, rollouts, inputs, scored, advantages, entropy, toke
             token_ids = ids[i][real].tolist()
             completions.append({
                 "text": inputs[i].completion,
-                "tokens": [tokenizer.decode([t]) for t in token_ids],
+                "tokens": tokenizer.batch_decode([[t] for t in token_ids]),
                 "logps": logps[i][real].tolist(),
                 "entropy": entropy[i][real].tolist(),
                 "reward": float(combined[i]) if valid[i] else None,
