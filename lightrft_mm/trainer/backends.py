@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # backend -> (the modules it imports, the pip command that brings them)
 PACKAGES = {"tensorboard": (("tensorboard",), "pip install tensorboard  (or 'lightrft_mm[tensorboard]')"),
             "wandb": (("wandb",), "pip install wandb  (or 'lightrft_mm[wandb]')"),
-            "mlflow": (("mlflow", "sqlalchemy", "alembic"),
-                       "pip install mlflow-skinny sqlalchemy alembic  (or 'lightrft_mm[mlflow]')")}
+            "mlflow": (("mlflow", "sqlalchemy", "alembic", "pandas"),  # pandas: MLflow's log_table
+                       "pip install mlflow-skinny sqlalchemy alembic pandas  (or 'lightrft_mm[mlflow]')")}
 BACKENDS = ("jsonl", *PACKAGES)
 ROLLOUT_GROUPS = 4  # prompt groups (every completion of each) sent to the backends per rollouts step
 
