@@ -234,3 +234,16 @@ def test_without_a_run_config_the_defaults_apply(run, capsys, tmp_path):
     assert result["run_config"] is None and result["rewards"] == ["exact_match"]
     assert result["system_prompt"] == "" and result["max_new_tokens"] == 64
     assert not math.isnan(result["greedy"]["accuracy"])
+
+
+def test_the_trainers_evaluation_gives_rewards_the_system_prompt(run, tmp_path, monkeypatch):
+    """The run's own before / after evaluation (the loop's `run_eval`) passes data.system_prompt."""
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv("EVAL_RECORD", str(record))
+    train(load_config("recipes/demo/colors.yaml", [
+        f"data.train=[{run['root'] / 'train'}]", f"data.eval=[{run['heldout']}]",
+        f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=1", "data.batch_size=4", "rollout.n=2",
+        "rollout.max_new_tokens=4", "warmup.steps=0", "logging.progress=false", "logging.plot=false",
+        f"rewards=[{{name: '{run['root'] / 'record.py'}:record'}}]", f"data.system_prompt={SYSTEM}"]))
+    rows = [json.loads(x) for x in record.read_text().splitlines()]
+    assert rows and all(r["system"] == [SYSTEM] for r in rows)  # training rollouts and both evaluations

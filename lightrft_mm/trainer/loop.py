@@ -77,7 +77,8 @@ def _loop(cfg: Config, strategy, run, started: float) -> dict:
         if not eval_samples:
             return {}
         return evaluate(engine, adapter, eval_samples, run.eval_fns, accuracy_reward=cfg.trainer.accuracy_reward,
-                        max_new_tokens=cfg.rollout.max_new_tokens, comm=strategy)
+                        max_new_tokens=cfg.rollout.max_new_tokens, comm=strategy,
+                        system_prompt=cfg.data.system_prompt or None)
 
     def rollout_and_score(batch):
         """Encode a prompt batch, sample n completions each, score them with every reward."""
