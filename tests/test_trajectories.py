@@ -77,3 +77,21 @@ def test_prompt_text_and_media_paths(tmp_path):
     assert prompt_text(sample) == "Find x."
     assert media(sample) == [{"type": "image", "path": os.path.abspath("a.png")},
                              {"type": "video", "path": "/v/b.mp4"}, {"type": "audio", "path": "https://x/c.wav"}]
+
+
+def test_dynamic_sampling_keeps_each_rewards_values(tmp_path):
+    """DAPO's dynamic sampling joins the informative groups of several rollout batches; the
+    per-reward values of the kept completions must follow them into the records."""
+    root = tmp_path / "data"
+    prepare_synthetic("colors", root / "train", n=8, seed=1)
+    (root / "length.py").write_text("def length(inputs):\n    return [len(x.completion) / 10 for x in inputs]\n")
+    out = tmp_path / "run"
+    train(load_config("recipes/demo/colors.yaml", [
+        f"data.train=[{root / 'train'}]", "data.eval=[]", f"trainer.output_dir={out}", "trainer.max_steps=1",
+        "data.batch_size=4", "rollout.n=3", "rollout.max_new_tokens=6", "warmup.steps=0", "algorithm.name=dapo",
+        f"rewards=[{{name: '{root / 'length.py'}:length'}}, exact_match]", "trainer.save_every=0",
+        "trainer.keep_checkpoints=0", "logging.progress=false", "logging.plot=false", "logging.trajectories_every=1"]))
+    groups = [json.loads(x) for x in (out / "trajectories" / "step-000001.jsonl").read_text().splitlines()]
+    completions = [c for g in groups for c in g["completions"]]
+    assert completions and all(c["rewards"]["length"] == pytest.approx(len(c["text"]) / 10)
+                               for c in completions)

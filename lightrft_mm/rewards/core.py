@@ -219,6 +219,18 @@ class Outcome:
     status: list[str]
     seconds: float
 
+    def select(self, rows) -> "Outcome":
+        """This outcome for the inputs `rows` (indices), in that order."""
+        return Outcome([self.values[i] for i in rows], {k: [v[i] for i in rows] for k, v in self.subs.items()},
+                       [self.status[i] for i in rows], self.seconds)
+
+    @staticmethod
+    def concat(parts: list["Outcome"]) -> "Outcome":
+        """One outcome over the inputs of `parts`, in order (their calls' time summed)."""
+        return Outcome([v for p in parts for v in p.values],
+                       {k: [v for p in parts for v in p.subs[k]] for k in parts[0].subs},
+                       [s for p in parts for s in p.status], sum(p.seconds for p in parts))
+
     def count(self, status: str) -> int:
         return sum(s == status for s in self.status)
 

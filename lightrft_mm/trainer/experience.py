@@ -14,6 +14,7 @@ import torch
 
 from lightrft_mm.algorithms.stabilisers import informative_groups
 from lightrft_mm.processors.adapter import collate
+from lightrft_mm.rewards.core import Outcome
 from lightrft_mm.rollout.hf import Rollouts
 from lightrft_mm.strategy.dist import LOCAL
 from lightrft_mm.trainer.metrics import merge_metrics
@@ -144,7 +145,8 @@ def informative_batch(rollout_and_score, batch_iter, want: int, max_batches: int
         groups = groups[:want - kept]
         if groups:
             rows = group_rows(groups, rollouts.n)
-            parts.append((select_rows(rollouts, rows, pad_id), [inputs[i] for i in rows], scored, groups))
+            parts.append((select_rows(rollouts, rows, pad_id), [inputs[i] for i in rows], _kept(scored, groups, rows),
+                          groups))
             kept += len(groups)
         if comm.all_reduce(kept, "min") >= want:
             break
@@ -162,9 +164,12 @@ def informative_batch(rollout_and_score, batch_iter, want: int, max_batches: int
         if take < len(groups):
             rows = list(range(take * part_rollouts.n))
             part_rollouts, part_inputs = select_rows(part_rollouts, rows, pad_id), part_inputs[:len(rows)]
+            sc = _kept(sc, list(range(take)), rows)
         trimmed.append((part_rollouts, part_inputs, sc, groups[:take]))
-    joined = type(scored)(torch.cat([sc.rewards[g] for _, _, sc, g in trimmed]),  # a ScoredBatch
-                          torch.cat([sc.valid[g] for _, _, sc, g in trimmed]), merge_metrics(metrics))
+    kept_scores = [sc for _, _, sc, _ in trimmed]
+    joined = type(scored)(torch.cat([sc.rewards for sc in kept_scores]), torch.cat([sc.valid for sc in kept_scores]),
+                          merge_metrics(metrics), {name: Outcome.concat([sc.outcomes[name] for sc in kept_scores])
+                                                   for name in kept_scores[0].outcomes})
     inputs = renumber_groups([x for _, part_inputs, _, _ in trimmed for x in part_inputs], rollouts.n)
     return concat_rollouts([r for r, _, _, _ in trimmed], pad_id), inputs, joined, skipped, stats
 
@@ -180,5 +185,11 @@ def equal_groups(rollouts, inputs, scored, comm, pad_id: int):
     log.warning("rank %d: training on %d of its %d prompt groups this step (another rank has only %d)",
                 comm.rank, keep, groups, keep)
     rows = list(range(keep * rollouts.n))
-    cut = type(scored)(scored.rewards[:keep], scored.valid[:keep], scored.metrics)
-    return select_rows(rollouts, rows, pad_id), inputs[:len(rows)], cut
+    return select_rows(rollouts, rows, pad_id), inputs[:len(rows)], _kept(scored, list(range(keep)), rows)
+
+
+def _kept(scored, groups: list[int], rows: list[int]):
+    """The `ScoredBatch` of prompt groups `groups` (completion rows `rows`), per-reward outcomes
+    included (the trajectories record them); its metrics stay those of the whole batch."""
+    return type(scored)(scored.rewards[groups], scored.valid[groups], scored.metrics,
+                        {name: o.select(rows) for name, o in scored.outcomes.items()})
