@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(BIN)/lightrft-mm demo recipes/demo/colors.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs
