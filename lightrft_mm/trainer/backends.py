@@ -10,8 +10,8 @@ them) and to `metrics.jsonl` as null.
 
 Each backend is one class behind the `Backend` protocol, and its package (an optional extra) is
 imported only when it is chosen: TensorBoard event files in `<output_dir>/tensorboard/`, a
-local MLflow store in `<output_dir>/mlruns/` (SQLite + artifacts folder), a W&B run in `<output_dir>/wandb/` (offline
-unless the user set `WANDB_MODE` or configured an API key).
+local MLflow store in `<output_dir>/mlruns/` (SQLite + artifacts folder), a W&B run in
+`<output_dir>/wandb/` (offline unless the user set `WANDB_MODE` or configured an API key).
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def wandb_mode() -> tuple[str | None, bool]:
     if os.environ.get("WANDB_API_KEY"):
         return None, False
     try:
-        if netrc.netrc(os.environ.get("NETRC")).authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("://")[-1]):
+        host = os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("://")[-1]
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
             return None, False
     except (OSError, netrc.NetrcParseError):
         pass
@@ -281,15 +282,17 @@ class MlflowBackend:
         rows = {k: [] for k in ("group", "sample_id", "source", "image", "prompt", "answer", "completion", "reward",
                                 "rewards", "advantage")}
         for g, c, image in _rollout_rows(groups):
+            answer = None if g["answer"] is None else str(g["answer"])
             for k, v in (("group", g["group"]), ("sample_id", g["sample_id"]), ("source", g["source"]),
-                         ("image", image), ("prompt", g["prompt"]), ("answer", None if g["answer"] is None else str(g["answer"])),
-                         ("completion", c["text"]), ("reward", _finite(c["reward"])), ("rewards", str(c["rewards"])),
+                         ("image", image), ("prompt", g["prompt"]), ("answer", answer), ("completion", c["text"]),
+                         ("reward", _finite(c["reward"])), ("rewards", str(c["rewards"])),
                          ("advantage", _finite(c["advantage"]))):
                 rows[k].append(v)
         self.client.log_table(self.run_id, rows, f"rollouts/step-{step:06d}.json")
         for g in groups:
             for k, path in enumerate(_images(g)):
-                self.client.log_image(self.run_id, _pixels(path), f"rollouts/step-{step:06d}/group-{g['group']}-{k}.png")
+                self.client.log_image(self.run_id, _pixels(path),
+                                      f"rollouts/step-{step:06d}/group-{g['group']}-{k}.png")
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)

@@ -36,7 +36,8 @@ from lightrft_mm.schema import MEDIA_TYPES
 from lightrft_mm.trainer.metrics import _json_values
 
 # Placeholders some datasets write into the prompt text where the media go.
-_PLACEHOLDERS = re.compile(r"<\|(?:image|video|audio)_pad\|>|<\|vision_(?:start|end)\|>|<\|AUDIO\|>|<(?:image|video|audio)>")
+_PLACEHOLDERS = re.compile(r"<\|(?:image|video|audio)_pad\|>|<\|vision_(?:start|end)\|>|<\|AUDIO\|>"
+                           r"|<(?:image|video|audio)>")
 _URL = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*://|data:)")
 
 
