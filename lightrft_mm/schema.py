@@ -1,4 +1,4 @@
-"""The unified sample schema (DESIGN.md section 3): Sample, Message, Part and JSONL shards.
+"""The unified sample schema (docs/schema.md): Sample, Message, Part and JSONL shards.
 
 Media paths in a shard are relative to the shard's folder; ``resolve_media`` makes them absolute.
 """
