@@ -163,7 +163,7 @@ def test_three_mistakes_are_reported_in_one_error(tmp_path):
 
 def test_unknown_section_suggests_the_closest():
     problems = _problems(_error(["trainre.max_steps=3"]))
-    assert problems == ["trainre: unknown section; did you mean 'trainer'?"]
+    assert problems == ["trainre: unknown section; did you mean 'trainer'? (from override 'trainre.max_steps=3')"]
 
 
 def test_unknown_section_without_close_match_lists_the_sections():

@@ -63,13 +63,37 @@ SPLITS = {"train": (1024, 1), "heldout": (256, 2)}
 
 
 def ensure_synthetic(data_cfg) -> None:
-    """Generate `data_cfg.synthetic` into data.train[0] / data.eval[0] where they do not exist yet."""
+    """Generate `data_cfg.synthetic` into data.train[0] / data.eval[0] where they do not exist yet.
+
+    Raises:
+        DataError: an existing folder's manifest names another source than the configured task
+            (e.g. colours in the video recipe's folders), which training would silently reuse.
+    """
     from lightrft_mm.prepare import prepare_synthetic
 
     if not data_cfg.synthetic:
         return
     for paths, split in ((data_cfg.train[:1], "train"), (data_cfg.eval[:1], "heldout")):
         for path in paths:
-            if not Path(path).exists():
+            if Path(path).exists():
+                _check_source(Path(path), f"synthetic:{data_cfg.synthetic}", split)
+            else:
                 n, seed = SPLITS[split]
                 prepare_synthetic(data_cfg.synthetic, Path(path), n=n, seed=seed)
+
+
+def _check_source(folder: Path, expected: str, split: str) -> None:
+    """Refuse a prepared folder whose manifest names a source other than `expected`."""
+    import json
+
+    from lightrft_mm.datasets.loader import MANIFEST
+
+    try:
+        found = json.loads((folder / MANIFEST).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable manifest: not a folder this function wrote; the loader judges it
+    if found and found != expected:
+        key = "data.train" if split == "train" else "data.eval"
+        raise DataError(f"{folder}: holds {found!r} data, but data.synthetic asks for {expected!r}; it would be "
+                        f"reused as is. Fix: delete {folder} (it is generated again), or point {key} at "
+                        "another folder.")
