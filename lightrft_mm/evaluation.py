@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 def eval_settings(args: argparse.Namespace) -> dict:
     """The evaluation's settings: flags over the run's config.json over the defaults; raises
     ConfigError / ModelError for a missing checkpoint, bad flags and unknown reward names."""
-    from lightrft_mm.config import AudioConfig, ImageConfig, RewardSpec, ScoringConfig, VideoConfig
+    from lightrft_mm.config import (AudioConfig, DataConfig, ImageConfig, RewardSpec, RolloutConfig, ScoringConfig,
+                                    TrainerConfig, VideoConfig)
     from lightrft_mm.rewards import config_problems
 
     folder = Path(args.checkpoint)
@@ -94,7 +95,8 @@ def eval_settings(args: argparse.Namespace) -> dict:
     run_file = folder.resolve().parent / "config.json"
     raw = json.loads(run_file.read_text()) if run_file.is_file() else {}
     section = {k: v for k, v in raw.items() if isinstance(v, dict)}
-    data, rollout = section.get("data", {}), section.get("rollout", {})
+    # The run's sections, their defaults where the run (or a plain model folder) has none.
+    data, rollout = _section(DataConfig, section.get("data")), _section(RolloutConfig, section.get("rollout"))
     problems = []
     if args.n < 1:
         problems.append(f"--n: {args.n} is below 1. Fix: --n 8 (samples per prompt for pass@k), or leave it out.")
@@ -116,7 +118,7 @@ def eval_settings(args: argparse.Namespace) -> dict:
         specs = [_section(RewardSpec, r) for r in raw["rewards"]]
     else:
         specs = [RewardSpec(name="exact_match")]
-    accuracy = args.accuracy_reward or section.get("trainer", {}).get("accuracy_reward") or "exact_match"
+    accuracy = args.accuracy_reward or _section(TrainerConfig, section.get("trainer")).accuracy_reward
     found = config_problems(specs, accuracy)
     if args.rewards is not None:  # name the flag, not a config key
         found = [p.replace("rewards[", "--rewards[", 1) if p.startswith("rewards[") else p for p in found]
@@ -128,11 +130,11 @@ def eval_settings(args: argparse.Namespace) -> dict:
     return {
         "checkpoint": folder, "run_config": run_file if raw else None, "specs": specs, "accuracy_reward": accuracy,
         "scoring": _section(ScoringConfig, section.get("scoring", {})),
-        "system_prompt": args.system_prompt if args.system_prompt is not None else data.get("system_prompt", ""),
-        "allow_outside_media": bool(data.get("allow_outside_media", False)),
-        "max_new_tokens": args.max_new_tokens or rollout.get("max_new_tokens", 64),
-        "temperature": args.temperature or rollout.get("temperature", 1.0),
-        "top_p": rollout.get("top_p", 1.0), "top_k": rollout.get("top_k", 0), "ks": ks,
+        "system_prompt": args.system_prompt if args.system_prompt is not None else data.system_prompt,
+        "allow_outside_media": bool(data.allow_outside_media),
+        "max_new_tokens": args.max_new_tokens or rollout.max_new_tokens,
+        "temperature": args.temperature or rollout.temperature,
+        "top_p": rollout.top_p, "top_k": rollout.top_k, "ks": ks,
         "correct_above": 0.5 if args.correct_above is None else args.correct_above,
         "image": _section(ImageConfig, section.get("image", {})),
         "video": _section(VideoConfig, section.get("video", {})),
