@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -37,6 +38,27 @@ class _Discard:
 def open_writer(path: Path, enabled: bool = True):
     """A `JsonlWriter` for `path`, or a writer that discards everything when not `enabled`."""
     return JsonlWriter(path) if enabled else _Discard()
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, str, object]]:
+    """`(line number, line, its JSON value)` of each line of a JSONL file the trainer writes
+    (numbers 1-based): blank lines skipped, a last line cut short (the trainer may be writing
+    it right now) left out.
+
+    Raises:
+        ValueError: a line other than the last is not valid JSON (`path:line` named).
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                return
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        yield number, line, value
 
 
 def merge_metrics(metrics: list[tuple[dict, int]]) -> dict:

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightrft_mm.trainer.metrics import read_rows
+
 DEFAULT_KEYS = ("reward/mean", "eval/accuracy")
 
 
@@ -33,17 +35,8 @@ def read_series(metrics_path: Path, keys: Sequence[str]) -> dict[str, list[tuple
     Raises:
         ValueError: a line other than the last is not a JSON object with a numeric ``step``.
     """
-    lines = Path(metrics_path).read_text(encoding="utf-8").splitlines()
     by_key: dict[str, dict[float, float]] = {key: {} for key in keys}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break
-            raise ValueError(f"{metrics_path}:{number}: not valid JSON ({exc.msg})") from exc
+    for number, line, record in read_rows(metrics_path):
         step = record.get("step") if isinstance(record, dict) else None
         if not _is_number(step):
             raise ValueError(

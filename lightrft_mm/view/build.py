@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from lightrft_mm.errors import DataError
+from lightrft_mm.trainer.metrics import read_rows
 from lightrft_mm.view.page import CSS, JS
 
 COPY_LIMIT = 2 * 1024 * 1024  # media up to this size are copied into the view; larger ones linked
@@ -46,16 +47,11 @@ def read_trajectories(run: Path, last: int | None = None) -> list[dict]:
                         "`lightrft-mm train CONFIG logging.trajectories_every=10`")
     groups = []
     for path in files[-last:] if last else files:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if number == len(lines):
-                    break  # the trainer may be writing this line right now
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        try:
+            rows = list(read_rows(path))
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+        for number, line, record in rows:
             if not (isinstance(record, dict) and isinstance(record.get("step"), int)
                     and isinstance(record.get("completions"), list)):
                 raise DataError(f"{path}:{number}: a trajectory line is a JSON object with an integer 'step' and a "
