@@ -168,7 +168,8 @@ def prepare_output_dir(cfg: Config, comm) -> tuple[Path, Path | None]:
     Returns the folder and the checkpoint to resume from (None: a fresh start)."""
     t, out = cfg.trainer, Path(cfg.trainer.output_dir)
     resume = resume_point(out, t.resume)
-    written_by = json.loads((resume / MANIFEST).read_text())["world_size"] if resume else comm.world_size
+    manifest = json.loads((resume / MANIFEST).read_text()) if resume else {}
+    written_by = manifest.get("world_size", comm.world_size)
     if written_by != comm.world_size:
         raise CheckpointError(f"trainer.resume: {resume} was written by {written_by} process(es), resumed by "
                               f"{comm.world_size}: the sharded optimizer state, the data shards and every rank's RNG "
@@ -188,9 +189,8 @@ def prepare_output_dir(cfg: Config, comm) -> tuple[Path, Path | None]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         if resume is not None:
-            step = json.loads((resume / MANIFEST).read_text())["step"]
             for name in ("metrics.jsonl", "trajectories.jsonl"):
-                _keep_rows_until(out / name, step)  # the steps after the checkpoint are trained again
+                _keep_rows_until(out / name, manifest["step"])  # the steps after the checkpoint are trained again
     comm.barrier()
     return out, resume
 
