@@ -1,9 +1,14 @@
 """Offline factory for small random-initialised models of the real architectures.
 
 `tiny:<family>` builds a model of the same class as the released checkpoints (Qwen2-VL,
-Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT, Qwen2-Audio, Qwen2 text) with a few layers and a working
-processor, without touching a hub and without torchvision, so every recipe can run on a laptop
-CPU.
+Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT, Qwen2-Audio, Qwen2 text, Qwen3-VL, Qwen3.5, Qwen2.5-Omni's
+thinker, InternVL3, Gemma 3) with a few layers and a working processor, without touching a hub
+and without torchvision, so every recipe can run on a laptop CPU.
+
+The families added since the first five each live in their own module,
+`lightrft_mm.models.tiny_<family>`, which provides `SPECIAL_TOKENS` (added to the tokenizer),
+optionally `EXTRA_CORPUS` (more BPE training text), and `build(tok, text, image_size)` ->
+`(model, processor)`, `text` being the shared small text-model sizes below.
 
 Two tokenizers: `bpe` (default) trains a byte-level BPE of a few hundred tokens on a built-in
 corpus in well under a second; `qwen` loads the real 151k-token Qwen tokenizer files shipped by
@@ -17,7 +22,9 @@ from pathlib import Path
 
 from lightrft_mm.errors import ModelError, did_you_mean
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2_audio", "qwen2")
+# Families built in their own module, lightrft_mm.models.tiny_<family> (see the module docstring).
+MODULE_FAMILIES = ("qwen3_vl", "qwen3_5", "qwen2_5_omni", "internvl", "gemma3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2_audio", "qwen2", *MODULE_FAMILIES)
 TOKENIZERS = ("bpe", "qwen")
 
 QWEN_SPECIALS = [
@@ -80,7 +87,7 @@ QWEN_AUDIO_CHAT_TEMPLATE = (
 )
 
 # Enough text for a BPE to learn the words of the demo tasks, templates and math answers.
-_CORPUS = """
+CORPUS = """
 You are a helpful assistant. Look at the image and answer the question.
 What colour is the square in the image? What color is the shape? Answer with one word.
 The answer is red. The answer is green. The answer is blue. The answer is yellow.
@@ -95,8 +102,8 @@ A B C D E triangle circle rectangle line angle degrees side area perimeter radiu
 USER: ASSISTANT: system user assistant question answer image video audio
 Describe the image. Listen to the audio. Watch the video. Choices: A, B, C, D.
 """
-# Words of the audio tasks, for the audio family only (the other tokenizers stay as they were).
-_AUDIO_CORPUS = """
+# Words of the audio tasks, for the audio families only (the other tokenizers stay as they were).
+AUDIO_CORPUS = """
 Audio 1: Audio 2: Is the second tone higher or lower than the first? Answer with one word.
 \\boxed{higher} \\boxed{lower} \\boxed{same} higher lower same tone sound pitch first second
 \\boxed{higher} \\boxed{lower} \\boxed{higher} \\boxed{lower}
@@ -146,7 +153,7 @@ def build_tokenizer(kind: str = "bpe", *, extra_tokens: list[str] | None = None,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        backend.train_from_iterator([line for line in (_CORPUS + extra_corpus).splitlines() if line], trainer)
+        backend.train_from_iterator([line for line in (CORPUS + extra_corpus).splitlines() if line], trainer)
     else:
         raise ModelError(_unknown("tiny tokenizer", kind, TOKENIZERS))
     tok = PreTrainedTokenizerFast(
@@ -182,8 +189,13 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
 
     if family not in FAMILIES:
         raise ModelError(_unknown("tiny: family", family, FAMILIES) + " Example: model.name_or_path=tiny:qwen2_5_vl")
-    tok = build_tokenizer(tokenizer, extra_tokens=FAMILY_TOKENS.get(family),
-                          extra_corpus=_AUDIO_CORPUS if family == "qwen2_audio" else "")
+    module = importlib.import_module(f"lightrft_mm.models.tiny_{family}") if family in MODULE_FAMILIES else None
+    if module is not None:
+        tok = build_tokenizer(tokenizer, extra_tokens=module.SPECIAL_TOKENS,
+                              extra_corpus=getattr(module, "EXTRA_CORPUS", ""))
+    else:
+        tok = build_tokenizer(tokenizer, extra_tokens=FAMILY_TOKENS.get(family),
+                              extra_corpus=AUDIO_CORPUS if family == "qwen2_audio" else "")
     text = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
@@ -191,7 +203,9 @@ def build_tiny(family: str, *, tokenizer: str = "bpe", seed: int = 0, image_size
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if module is not None:
+        model, processor = module.build(tok, text, image_size)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
         model, processor = _build_qwen_vl(family, tok, text, image_size, vision_depth, vision_width)
     elif family == "llava":
         model, processor = _build_llava(tok, text, image_size)
@@ -353,4 +367,4 @@ def describe(model) -> str:
     return f"{type(model).__name__} ({n / 1e6:.2f}M parameters)"
 
 
-__all__ = ["FAMILIES", "TOKENIZERS", "build_tiny", "build_tokenizer", "describe"]
+__all__ = ["AUDIO_CORPUS", "FAMILIES", "MODULE_FAMILIES", "TOKENIZERS", "build_tiny", "build_tokenizer", "describe"]

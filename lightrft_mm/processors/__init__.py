@@ -34,3 +34,8 @@ ADAPTERS.register_lazy("llava_next", "lightrft_mm.processors.llava:LlavaNextAdap
 ADAPTERS.register_lazy("qwen2_audio", "lightrft_mm.processors.qwen_audio:Qwen2AudioAdapter")
 ADAPTERS.register_lazy("qwen2_vl", "lightrft_mm.processors.qwen_vl:QwenVLAdapter")
 ADAPTERS.register_lazy("qwen2_5_vl", "lightrft_mm.processors.qwen_vl:Qwen2_5_VLAdapter")
+ADAPTERS.register_lazy("qwen3_vl", "lightrft_mm.processors.qwen3_vl:Qwen3VLAdapter")
+ADAPTERS.register_lazy("qwen3_5", "lightrft_mm.processors.qwen3_5:Qwen3_5Adapter")
+ADAPTERS.register_lazy("qwen2_5_omni_thinker", "lightrft_mm.processors.qwen_omni:QwenOmniAdapter")
+ADAPTERS.register_lazy("internvl", "lightrft_mm.processors.internvl:InternVLAdapter")
+ADAPTERS.register_lazy("gemma3", "lightrft_mm.processors.gemma3:Gemma3Adapter")
