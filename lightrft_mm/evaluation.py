@@ -9,9 +9,13 @@ mean of the accuracy reward over the K completions).
 
 Defaults come from the run's config.json one folder above the checkpoint (rewards, scoring,
 trainer.accuracy_reward, data.system_prompt, data.allow_outside_media, rollout.max_new_tokens /
-temperature / top_p / top_k, the image / video / audio sections, model.attn_implementation);
-flags override them. Without a run config: rewards [exact_match], accuracy reward exact_match,
-no system prompt, 64 new tokens, temperature 1.0 and the processors' default settings.
+temperature / top_p / top_k, the image / video / audio sections, model.attn_implementation),
+or, with `--config RECIPE`, from a recipe (to evaluate a base model with the prompt, rewards and
+answer checking a recipe trains with, e.g. `lightrft-mm eval Qwen/Qwen2.5-VL-7B-Instruct
+--config recipes/geo3k/qwen2_5_vl_7b.yaml --data data/geo3k/test`); flags override them.
+Without either: rewards [exact_match], accuracy reward exact_match, no system prompt, 64 new
+tokens, temperature 1.0 and the processors' default settings. The model may be a checkpoint
+folder, any Hugging Face model folder, or a Hub id (resolved like `model.name_or_path`).
 
 Under torchrun every rank loads the model and evaluates its share of the samples (samples r,
 r + world, ...); the scores are gathered and rank 0 prints and writes them.
@@ -31,8 +35,12 @@ log = logging.getLogger(__name__)
 
 
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint-final), or any HF model folder")
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint-final), any HF model folder, "
+                                      "or a Hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct)")
     p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="prepared shard folders (or .jsonl files)")
+    p.add_argument("--config", type=Path, default=None, metavar="RECIPE",
+                   help="take the defaults from this recipe (rewards, accuracy reward, system prompt, sampling, "
+                        "media settings) instead of the run's config.json")
     p.add_argument("--rewards", nargs="+", metavar="NAME", default=None,
                    help="rewards to score with, weight 1 each (registered names, package.module:fn or file.py:fn; "
                         "default: the run's rewards, else exact_match)")
@@ -43,6 +51,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="also sample K completions per prompt (K > 1) for pass@k and mean@K")
     p.add_argument("--k", type=int, nargs="+", default=None, help="the k of pass@k (default: 1 and K)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature of --n (default: the run's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling of --n (default: the run's)")
     p.add_argument("--correct-above", type=float, default=None,
                    help="a sampled completion counts as correct when its accuracy reward is above this (default 0.5)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -88,12 +97,22 @@ def eval_settings(args: argparse.Namespace) -> dict:
                                     TrainerConfig, VideoConfig)
     from lightrft_mm.rewards import config_problems
 
-    folder = Path(args.checkpoint)
-    if not folder.is_dir():
-        raise ModelError(f"checkpoint {folder} does not exist. Fix: a checkpoint folder of a run (e.g. "
-                         "runs/demo/checkpoint-final) or a Hugging Face model folder.")
-    run_file = folder.resolve().parent / "config.json"
-    raw = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    from lightrft_mm.config import load_config, to_dict
+    from lightrft_mm.models.hub import is_hub_id, resolve
+
+    if is_hub_id(args.checkpoint):
+        folder = resolve(args.checkpoint)  # ModelError when offline without a cached copy
+    else:
+        folder = Path(args.checkpoint)
+        if not folder.is_dir():
+            raise ModelError(f"checkpoint {folder} does not exist. Fix: a checkpoint folder of a run (e.g. "
+                             "runs/demo/checkpoint-final), a Hugging Face model folder, or a Hub id.")
+    if args.config is not None:
+        run_file = args.config
+        raw = to_dict(load_config(args.config))  # ConfigError names the recipe's bad keys
+    else:
+        run_file = folder.resolve().parent / "config.json"
+        raw = json.loads(run_file.read_text()) if run_file.is_file() else {}
     section = {k: v for k, v in raw.items() if isinstance(v, dict)}
     # The run's sections, their defaults where the run (or a plain model folder) has none.
     data, rollout = _section(DataConfig, section.get("data")), _section(RolloutConfig, section.get("rollout"))
@@ -112,6 +131,8 @@ def eval_settings(args: argparse.Namespace) -> dict:
             problems.append(f"{flag}: {value} is below {low}.")
     if args.temperature is not None and args.temperature <= 0:
         problems.append(f"--temperature: {args.temperature} must be > 0 (greedy is always evaluated).")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        problems.append(f"--top-p: {args.top_p} must be in (0, 1].")
     if args.rewards is not None:
         specs = [RewardSpec(name=n) for n in args.rewards]
     elif "rewards" in raw:
@@ -134,7 +155,7 @@ def eval_settings(args: argparse.Namespace) -> dict:
         "allow_outside_media": bool(data.allow_outside_media),
         "max_new_tokens": args.max_new_tokens or rollout.max_new_tokens,
         "temperature": args.temperature or rollout.temperature,
-        "top_p": rollout.top_p, "top_k": rollout.top_k, "ks": ks,
+        "top_p": args.top_p or rollout.top_p, "top_k": rollout.top_k, "ks": ks,
         "correct_above": 0.5 if args.correct_above is None else args.correct_above,
         "image": _section(ImageConfig, section.get("image", {})),
         "video": _section(VideoConfig, section.get("video", {})),

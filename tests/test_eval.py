@@ -236,6 +236,29 @@ def test_without_a_run_config_the_defaults_apply(run, capsys, tmp_path):
     assert not math.isnan(result["greedy"]["accuracy"])
 
 
+def test_a_recipe_gives_a_base_models_eval_its_prompt_rewards_and_sampling(run, capsys, tmp_path):
+    """--config RECIPE: a model that was never trained here (the base model of a recipe) is scored
+    with the recipe's rewards, answer checking and response length; --temperature / --top-p set
+    the sampled pass, as a published evaluation's decoding does (EasyR1: 0.6 / 0.95)."""
+    bare = tmp_path / "base"
+    shutil.copytree(run["out"] / "checkpoint-final", bare)
+    geo = prepare_synthetic("geo3k_like", tmp_path / "geo", n=4, seed=3)
+    out = tmp_path / "eval.json"
+    code, stdout, err = _eval(capsys, bare, "--data", geo, "--config", "recipes/geo3k/tiny.yaml", "--n", "2",
+                              "--temperature", "0.6", "--top-p", "0.95", "--out", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["run_config"] == "recipes/geo3k/tiny.yaml"
+    assert result["accuracy_reward"] == "math_accuracy" and "geo3k" in result["rewards"]
+    assert result["max_new_tokens"] == load_config("recipes/geo3k/tiny.yaml").rollout.max_new_tokens
+    assert (result["sampled"]["temperature"], result["sampled"]["top_p"]) == (0.6, 0.95)
+    assert "accuracy: " in stdout and "mean of math_accuracy" in stdout
+    code, _, err = _eval(capsys, bare, "--data", geo, "--config", tmp_path / "missing.yaml")
+    assert code == 1 and "missing.yaml" in err
+    code, _, err = _eval(capsys, bare, "--data", geo, "--n", "2", "--top-p", "1.5")
+    assert code == 1 and "--top-p: 1.5" in err
+
+
 def test_the_trainers_evaluation_gives_rewards_the_system_prompt(run, tmp_path, monkeypatch):
     """The run's own before / after evaluation (the loop's `run_eval`) passes data.system_prompt."""
     record = tmp_path / "record.jsonl"
