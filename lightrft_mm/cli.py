@@ -90,7 +90,9 @@ def _run(args: argparse.Namespace) -> int:
         from lightrft_mm.config import load_config
         from lightrft_mm.trainer.loop import train
 
-        s = train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        _fetch_model(cfg)
+        s = train(cfg)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained: {s['trained']}")
             print(f"train: accuracy before={s['before']} after={s['after']} heldout={s['heldout']} "
@@ -121,9 +123,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_model(cfg) -> None:
+    """A Hub model is found in the cache or downloaded (progress on local rank 0) before any heavy work."""
+    from lightrft_mm.models.hub import is_hub_id, resolve
+
+    if is_hub_id(cfg.model.name_or_path):
+        resolve(cfg.model.name_or_path, cfg.model.revision or None,
+                progress=os.environ.get("LOCAL_RANK", "0") == "0")
+
+
 def _validate(items: list[str], import_plugins: bool) -> int:
-    """Checks each config; reward plugins are only located and read unless `import_plugins`."""
+    """Checks each config; reward plugins are only located and read unless `import_plugins`. A Hub model
+    not downloaded yet and data folders the recipe's launch command prepares are notes, not errors."""
     from lightrft_mm.config import load_config
+    from lightrft_mm.config.presence import presence_notes
     from lightrft_mm.rewards.scoring import plugin_check
 
     overrides = [x for x in items if "=" in x]
@@ -131,7 +144,7 @@ def _validate(items: list[str], import_plugins: bool) -> int:
     for path in [x for x in items if "=" not in x]:
         with plugin_check(import_plugins) as check:
             try:
-                load_config(path, overrides)
+                notes = presence_notes(load_config(path, overrides), path)
                 error = None
             except LightRFTError as e:
                 error = e
@@ -142,7 +155,7 @@ def _validate(items: list[str], import_plugins: bool) -> int:
             how = (f"reward plugins checked without importing them: {', '.join(check.names)}; "
                    "--import-plugins to import them and check their args too")
         if error is None:
-            print(f"{path}: ok" + (f" ({how})" if how else ""))
+            print(f"{path}: ok" + (f" ({how})" if how else "") + "".join(f"\n  {note}" for note in notes))
         else:
             print(f"error: {error}" + (f"\n({how})" if how else ""), file=sys.stderr)
             failed += 1

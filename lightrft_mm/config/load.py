@@ -249,10 +249,13 @@ def _cross_checks(cfg: Config) -> list[str]:
             problems.append(f"model.name_or_path: unknown tiny family {family!r}."
                             f"{did_you_mean(family, FAMILIES, prefix='tiny:')} "
                             f"Known: {', '.join('tiny:' + f for f in FAMILIES)}.")
+        if cfg.model.revision:
+            problems.append("model.revision: only applies to Hub ids; a tiny: model is built offline. Fix: remove it.")
     else:
-        if not Path(name).is_dir():
-            problems.append(f"model.name_or_path: {name!r} is not a folder. Fix: a local Hugging Face "
-                            "model folder (config.json + weights), or tiny:<family>.")
+        from lightrft_mm.models.hub import reference_problem
+
+        if problem := reference_problem(name, cfg.model.revision):  # its form: weights may come later
+            problems.append(problem)
         if cfg.model.tiny_tokenizer != "bpe":
             problems.append("model.tiny_tokenizer: only applies to tiny: models; a model folder "
                             "brings its own tokenizer. Fix: remove it.")

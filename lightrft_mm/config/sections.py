@@ -37,9 +37,12 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str = opt("tiny:qwen2_5_vl", "A local Hugging Face model folder, or tiny:<family> "
-                            "(qwen2_vl, qwen2_5_vl, llava, llava_next, qwen2_audio, qwen2) built offline "
-                            "with random weights.")
+    name_or_path: str = opt("tiny:qwen2_5_vl", "A local Hugging Face model folder, a Hugging Face Hub id "
+                            "(ORG/NAME, e.g. Qwen/Qwen2.5-VL-7B-Instruct: downloaded into the Hub cache, HF_HUB_CACHE "
+                            "or HF_HOME, by train; cached copy only with HF_HUB_OFFLINE=1), or tiny:<family> "
+                            "(qwen2_vl, qwen2_5_vl, llava, llava_next, qwen2_audio, qwen2, qwen3_vl, qwen3_5, "
+                            "qwen2_5_omni, internvl, gemma3) built offline with random weights.")
+    revision: str = opt("", "Branch, tag or commit of a Hub id's model (empty = main); only for Hub ids.")
     tiny_tokenizer: str = opt("bpe", "Tokenizer of a tiny: model: bpe (small, trained on the fly, fast) "
                               "or qwen (the real 151k Qwen tokenizer; ~30x slower on CPU).",
                               choices=("bpe", "qwen"))

@@ -30,14 +30,16 @@ def token_counter_for(model: str) -> Callable[[Sample], int]:
 
         model_obj, processor = build_tiny(model[len("tiny:"):])
     else:
+        from lightrft_mm.models.hub import resolve
         from lightrft_mm.models.processing import load_processor
 
-        config = Path(model) / "config.json"
+        folder = resolve(model)  # a Hub id: its cached snapshot (downloaded unless offline)
+        config = folder / "config.json"
         if not config.is_file():
             raise ModelError(f"--model {model}: not a model folder (no config.json). Fix: give a "
-                             "local Hugging Face model folder, or tiny:<family>.")
+                             "local Hugging Face model folder, a Hub id (ORG/NAME), or tiny:<family>.")
         model_type = json.loads(config.read_text()).get("model_type", "")
-        processor = load_processor(model)
+        processor = load_processor(folder)
         model_obj = SimpleNamespace(config=SimpleNamespace(model_type=model_type))
     return prompt_token_counter(make_adapter(model_obj, processor))
 

@@ -75,10 +75,12 @@ def load_backbone(model: str, who: str, *, trust_remote_code: bool = False, seed
 
         backbone, processor = build_tiny(model[len("tiny:"):], seed=seed)
         return backbone, processor, None
-    folder = Path(model).expanduser()
+    from lightrft_mm.models.hub import resolve
+
+    folder = resolve(model)  # a Hub id: its cached snapshot (downloaded unless offline)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{who}: model folder {folder} has no config.json. Fix: args.model is a local "
-                         "model folder, or tiny:<family>.")
+                         "model folder, a Hub id (ORG/NAME), or tiny:<family>.")
     from lightrft_mm.models import load_pretrained
 
     backbone, processor = load_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -136,13 +138,15 @@ def scalar_rm(model: str, device: str = "auto", dtype: str = "float32", micro_ba
         raise RewardError(f"scalar_rm: micro_batch_size must be a whole number >= 1, got {micro_batch_size!r}.")
     architectures = []
     if not model.startswith("tiny:"):
-        config_file = Path(model).expanduser() / "config.json"
+        from lightrft_mm.models.hub import resolve
+
+        config_file = resolve(model) / "config.json"  # a Hub id: its cached snapshot, downloaded unless offline
         if config_file.is_file():
             architectures = json.loads(config_file.read_text()).get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        folder = Path(model).expanduser()
+        folder = config_file.parent
         backbone = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=trust_remote_code)
         processor = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         kind = "classifier"

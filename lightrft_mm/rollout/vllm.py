@@ -66,11 +66,11 @@ def config_problems(cfg) -> list[str]:
         return [f"rollout.vllm.{f.name}: set, but rollout.engine is {r.engine}. Fix: rollout.engine=vllm, or remove it."
                 for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(default, f.name)]
     problems = []
-    family = model_type_of(cfg.model.name_or_path)
+    family = model_type_of(cfg.model.name_or_path, cfg.model.revision)
     if family and family not in FAMILIES:
         problems.append(f"rollout.engine=vllm: model type {family!r} is not served by this engine. It serves: "
                         f"{', '.join(FAMILIES)}. Fix: rollout.engine=hf.")
-    if family == "qwen2_audio" and (frames := _audio_frames(cfg.model.name_or_path)) is not None:
+    if family == "qwen2_audio" and (frames := _audio_frames(cfg.model.name_or_path, cfg.model.revision)) is not None:
         if problem := audio_window_problem(frames, cfg.model.name_or_path):
             problems.append(problem)
     if r.fire_temperature > 0:
@@ -91,14 +91,20 @@ def config_problems(cfg) -> list[str]:
     return problems
 
 
-def _audio_frames(name_or_path: str) -> int | None:
-    """The feature window (frames) of a Qwen2-Audio model known without loading it, else None."""
+def _audio_frames(name_or_path: str, revision: str = "") -> int | None:
+    """The feature window (frames) of a Qwen2-Audio model (folder, cached Hub id or tiny:) known
+    without loading it, else None."""
+    from lightrft_mm.models.hub import cached_file
+
     if name_or_path.startswith("tiny:"):
         from lightrft_mm.models import tiny
 
         return int(tiny.AUDIO_WINDOW_SECONDS * 100)  # Whisper features: hop 160 at 16 kHz
     try:
-        extractor = json.loads((Path(name_or_path) / "preprocessor_config.json").read_text())
+        path = cached_file(name_or_path, "preprocessor_config.json", revision or None)
+        if path is None:
+            return None
+        extractor = json.loads(path.read_text())
         return int(extractor["nb_max_frames"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -104,7 +104,7 @@ def strategy_problems(cfg) -> list[str]:
         if importlib.util.find_spec("deepspeed") is None:
             problems.append("strategy.name: deepspeed is not installed. Fix: pip install 'lightrft_mm[deepspeed]' "
                             "(on CPU machines add -c constraints-cpu.txt to keep the CPU build of torch).")
-        if s.zero_stage == 3 and model_type_of(cfg.model.name_or_path) in ZERO3_UNSERVED:
+        if s.zero_stage == 3 and model_type_of(cfg.model.name_or_path, cfg.model.revision) in ZERO3_UNSERVED:
             problems.append(f"strategy.zero_stage: 3 cannot serve {cfg.model.name_or_path!r}: its base model owns "
                             "parameters (image_newline) that its image-feature method uses outside any forward, "
                             "where ZeRO-3 cannot gather them. Fix: strategy.name=fsdp2, or strategy.zero_stage=2.")
@@ -121,14 +121,16 @@ def strategy_problems(cfg) -> list[str]:
 ZERO3_UNSERVED = ("llava_next",)  # model types whose feature methods read base-owned parameters
 
 
-def model_type_of(name_or_path: str) -> str:
-    """`tiny:<family>`'s family, or the `model_type` of a model folder's config.json ("" if unknown)."""
-    import json
-    from pathlib import Path
+def model_type_of(name_or_path: str, revision: str | None = None) -> str:
+    """`tiny:<family>`'s family, or the `model_type` of the config.json of a model folder or of a Hub
+    id's cached copy ("" if unknown, e.g. a Hub model not downloaded yet)."""
+    from lightrft_mm.errors import ModelError
+    from lightrft_mm.models.hub import read_config
 
     if name_or_path.startswith("tiny:"):
         return name_or_path[len("tiny:"):]
     try:
-        return json.loads((Path(name_or_path) / "config.json").read_text()).get("model_type", "")
-    except (OSError, ValueError):
+        config = read_config(name_or_path, revision or None)
+    except ModelError:
         return ""
+    return config.get("model_type", "") if isinstance(config, dict) else ""
