@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         from lightrft_mm.trainer.loop import train
 
         cfg = load_config(args.config, args.overrides)
-        _fetch_model(cfg)
+        _before_heavy_work(cfg)
         s = train(cfg)
         if os.environ.get("RANK", "0") == "0":
             print(f"trained: {s['trained']}")
@@ -123,10 +123,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fetch_model(cfg) -> None:
-    """A Hub model is found in the cache or downloaded (progress on local rank 0) before any heavy work."""
+def _before_heavy_work(cfg) -> None:
+    """What validate only notes is required now, before any data or model is loaded: a colocated
+    vLLM engine's environment, and a Hub model (found in the cache or downloaded; progress on local rank 0)."""
     from lightrft_mm.models.hub import is_hub_id, resolve
 
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.mode == "colocate":
+        from lightrft_mm.rollout.vllm import vllm_python
+
+        vllm_python(cfg.rollout.vllm.python)
     if is_hub_id(cfg.model.name_or_path):
         resolve(cfg.model.name_or_path, cfg.model.revision or None,
                 progress=os.environ.get("LOCAL_RANK", "0") == "0")

@@ -1,8 +1,9 @@
 """What `validate` says about the files a valid config needs but a fresh clone lacks.
 
-A recipe may name a Hub model that is not downloaded yet and data folders its launch command
-(the first line, `# Launch: ...`) prepares: both are reported as notes, not problems, so that
-every recipe validates on a fresh clone. A data folder that exists is read in full (every row
+A recipe may name a Hub model that is not downloaded yet, a colocated vLLM engine whose
+environment is not installed yet, and data folders its launch command (the first line,
+`# Launch: ...`) prepares: these are reported as notes, not problems, so that every recipe
+validates on a fresh clone (`train` requires the first two before loading anything). A data folder that exists is read in full (every row
 against the schema, media paths inside the folder), as training would; a missing folder that
 neither the launch command prepares nor `data.synthetic` generates is a problem.
 """
@@ -13,7 +14,7 @@ import os
 import shlex
 from pathlib import Path
 
-from lightrft_mm.errors import ConfigError, DataError, MediaError
+from lightrft_mm.errors import ConfigError, DataError, MediaError, RolloutError
 
 LAUNCH = "# Launch:"
 
@@ -64,6 +65,14 @@ def presence_notes(cfg, path: str | Path | None = None) -> list[str]:
     notes, problems = [], []
     if is_hub_id(cfg.model.name_or_path):
         notes.append(describe(cfg.model.name_or_path, cfg.model.revision or None))
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.mode == "colocate":
+        from lightrft_mm.rollout.vllm import vllm_python
+
+        try:
+            vllm_python(cfg.rollout.vllm.python)  # one named but missing is a config problem already
+        except RolloutError as e:
+            why = str(e).removeprefix("rollout.engine=vllm: ")
+            notes.append(f"rollout.engine=vllm: not installed yet; train refuses to start without it. {why}")
     prepared = prepare_commands(launch_command(path)) if path else {}
     for key, folders in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         for i, folder in enumerate(folders):
