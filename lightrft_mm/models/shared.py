@@ -98,7 +98,9 @@ def group_encoder_outputs(model, prompts: PromptBatch) -> tuple[dict, dict] | No
             per_prompt.append(list(features[start:start + count]))
             start += count
         rows = [f for group, size in enumerate(sizes) for _ in range(size) for f in per_prompt[group]]
-        outputs[kind] = BaseModelOutputWithPooling(pooler_output=tuple(rows))
+        # InternVL's encoder gives one [tiles, tokens, H] tensor and its forward takes one back.
+        pooled = torch.stack(rows) if isinstance(features, torch.Tensor) else tuple(rows)
+        outputs[kind] = BaseModelOutputWithPooling(pooler_output=pooled)
     encoder_keys = {ENCODER_INPUTS[k][0] for k in kinds}
     rest = {k: v for k, v in prompts.media.items() if k not in encoder_keys}
     return outputs, rest
