@@ -17,8 +17,10 @@ import torch
 from lightrft_mm.errors import MediaError
 from lightrft_mm.schema import Sample
 
-# Processor outputs with one entry per token; everything else is per media item.
-TOKEN_ALIGNED = ("mm_token_type_ids",)
+# Processor outputs with one entry per token; everything else is per media item. Gemma 3's
+# `token_type_ids` (1 = image soft token, for its bidirectional image attention) is one too; the
+# text-only families' tokenizers return neither.
+TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")
 
 
 @dataclass
