@@ -120,7 +120,40 @@ def pack_rows(model, inputs: dict, keep: torch.Tensor, *, token_aligned: tuple[s
         positions = text[keep].unsqueeze(0)
     packed = {k: v[keep].unsqueeze(0) if k in token_aligned else v
               for k, v in inputs.items() if k != "attention_mask"}
+    if "token_type_ids" in packed:  # Gemma 3: image tokens attend both ways within their image
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+        packed["attention_mask"] = packed_block_masks(model, packed.pop("token_type_ids"), rows)
     return packed | {"position_ids": positions}
+
+
+def packed_block_masks(model, token_type_ids: torch.Tensor, rows: torch.Tensor) -> dict:
+    """The attention masks of each layer type for a packed sequence with bidirectional image
+    blocks (Gemma 3's `token_type_ids`, [1, L]; `rows` [L]: the row each token came from).
+
+    A token attends to the earlier tokens of its row and to every token of its own image; in
+    sliding-window layers only to those less than the window away. Built here because transformers'
+    sliding mask of packed sequences looks the image blocks up at each row's positions instead of
+    at the packed indices (its `create_masks_for_vision_model`, 5.24), so images would attend
+    to the wrong tokens. Raw packed indices serve for everything: a row's tokens are contiguous.
+    """
+    from transformers.masking_utils import (and_masks, blockwise_overlay, create_causal_mask,
+                                            packed_sequence_mask_function, sliding_window_overlay)
+
+    config = model.config.get_text_config()
+    is_image = token_type_ids == 1
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    blocks = torch.where(is_image, starts.cumsum(-1) - 1, -1)
+    same_row = packed_sequence_mask_function(rows[None])
+    shape = torch.empty((1, token_type_ids.shape[1], 0), dtype=model.get_input_embeddings().weight.dtype,
+                        device=token_type_ids.device)
+    masks = {}
+    for kind in set(getattr(config, "layer_types", None) or ["full_attention"]):
+        window = config.sliding_window if kind == "sliding_attention" else None
+        masks[kind] = create_causal_mask(
+            config=config, inputs_embeds=shape, attention_mask=None, cache=None, position_ids=None,
+            or_mask_function=blockwise_overlay(blocks),
+            and_mask_function=and_masks(same_row, sliding_window_overlay(window)) if window else same_row)
+    return masks
 
 
 CHUNK_ELEMENTS = 1 << 26  # vocabulary logits per chunk: 256 MB in fp32, whatever the vocabulary
