@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from lightrft_mm.errors import LightRFTError
+from lightrft_mm.errors import ConfigError, LightRFTError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     _seeing_parsers(sub)
     keys = "config keys:\n" + help_text()
     fmt = argparse.RawDescriptionHelpFormatter
-    _config_args(sub.add_parser("train", help="train with a config", epilog=keys, formatter_class=fmt))
+    train = sub.add_parser("train", help="train with a config", epilog=keys, formatter_class=fmt)
+    _config_args(train)
+    train.add_argument("--dry-run", action="store_true", help="build everything but the weights (meta device), "
+                       "read the data's manifests and print the plan: steps, tokens and a memory estimate per GPU")
+    train.add_argument("--world-size", type=int, default=None, metavar="N", help="--dry-run: plan for N processes "
+                       "(GPUs; default: torchrun's WORLD_SIZE, else 1)")
+    train.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="--dry-run: one GPU's memory "
+                       "(default: torch.cuda's, else 80, labelled as assumed)")
     validate = sub.add_parser("validate", help="check configs; list every problem", epilog=keys,
                               formatter_class=fmt)
     validate.add_argument("items", nargs="+", metavar="CONFIG.yaml | section.key=value",
@@ -86,7 +93,14 @@ def _run(args: argparse.Namespace) -> int:
         return _see(args)
     elif args.command == "validate":
         return _validate(args.items, args.import_plugins)
+    elif args.command == "train" and args.dry_run:
+        from lightrft_mm.trainer.plan import dry_run
+
+        return dry_run(args.config, args.overrides, world_size=args.world_size, gpu_memory=args.gpu_memory)
     elif args.command == "train":
+        if args.world_size is not None or args.gpu_memory is not None:
+            raise ConfigError("--world-size and --gpu-memory only apply to --dry-run (a real run's world size is "
+                              "torchrun's --nproc_per_node). Fix: add --dry-run, or drop them.")
         from lightrft_mm.config import load_config
         from lightrft_mm.trainer.loop import train
 
