@@ -152,3 +152,36 @@ def test_tiny_terms_equal_real_bytes_after_one_step():
     assert terms["parameters"] == params
     assert terms["gradients"] == grads
     assert terms["optimizer state"] == state
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_formula_matches_the_bytes_autograd_saves(precision):
+    """The per-layer activation estimate against every tensor autograd keeps for the backward of a
+    small Qwen2 decoder (sdpa), parameters excluded."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lightrft_mm.trainer.plan_memory import Shape, per_token_layer
+
+    h, inter, heads, kv_heads, layers = 256, 1352, 4, 1, 2
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=500, hidden_size=h, intermediate_size=inter,
+                                         num_hidden_layers=layers, num_attention_heads=heads,
+                                         num_key_value_heads=kv_heads, attn_implementation="sdpa"))
+    model = model.to(torch.float32 if precision == "fp32" else torch.bfloat16)
+    ids = torch.randint(0, 500, (2, 128))
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = max(saved.get(t.untyped_storage().data_ptr(), 0),
+                                                    t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model.model(input_ids=ids)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in weights)
+    cfg = load_config(None, [f"strategy.precision={precision}"])
+    shape = Shape(params=0, trainable=0, trainable_tensors=0, layers=layers, hidden=h, intermediate=inter,
+                  heads=heads, kv_dim=kv_heads * h // heads, largest_unit=0, vocab=500)
+    b = 4 if precision == "fp32" else 2
+    estimate = (layers * per_token_layer(cfg, shape, 128) + b * h) * ids.numel()
+    assert abs(measured / estimate - 1) < 0.05, (measured, estimate)

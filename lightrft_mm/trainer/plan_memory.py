@@ -22,8 +22,10 @@ intermediate size, kv = kv_heads x head_dim.
   Without gradient checkpointing every decoder layer keeps, per token, b x (8h + 2kv + 4I) bytes
   (norm inputs and outputs, q / k / v, attention output and its log-sum-exp, the MLP's gate, up,
   activation and product; sdpa / flash attention keep no T x T matrix, eager adds b x 2 x heads x T
-  per token): L x b x (8h + 2kv + 4I) x tokens. With model.gradient_checkpointing only each layer's
-  input is kept, L x b x h x tokens, plus one layer recomputed in full, b x (8h + 2kv + 4I) x tokens.
+  per token; bf16 / fp16 add 6h bytes, the RMSNorms' fp32 upcasts): L x b x (8h + 2kv + 4I) x tokens,
+  checked against the bytes autograd saves (tests/test_dry_run.py; within 3 % in fp32 and bf16).
+  With model.gradient_checkpointing only each layer's input is kept, L x b x h x tokens, plus one
+  layer recomputed in full, b x (8h + 2kv + 4I) x tokens.
   Both add the final hidden states, b x h x tokens. Vision / audio tower activations are not counted
   (they depend on the media sizes; encoded once per prompt with trainer.encode_prompts_once).
 - The chunked log-prob head (models.logprobs.CHUNK_ELEMENTS): one chunk of fp32 vocabulary logits,
@@ -158,7 +160,7 @@ def per_token_layer(cfg, shape: Shape, seq: int) -> int:
     elems = 8 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
     if cfg.model.attn_implementation == "eager":
         elems += 2 * shape.heads * seq
-    return b * elems
+    return b * elems + (6 * shape.hidden if b == 2 else 0)  # bf16 / fp16: the RMSNorms' fp32 upcasts
 
 
 def activation_terms(cfg, shape: Shape, micro_rows: int, seq: int) -> tuple[Term, Term, float, float]:
