@@ -90,20 +90,30 @@ def group_encoder_outputs(model, prompts: PromptBatch) -> tuple[dict, dict] | No
         accepted = inspect.signature(encode).parameters
         extra = {name: media[name].to(prompts.media[key].device) for name in layout
                  if name in media and name in accepted}
-        features = encode(media[key].to(prompts.media[key].device), **extra,
-                          return_dict=True).pooler_output
-        per_prompt, start = [], 0
-        for enc in unique:
-            count = _items(enc, kind)
-            per_prompt.append(list(features[start:start + count]))
-            start += count
-        rows = [f for group, size in enumerate(sizes) for _ in range(size) for f in per_prompt[group]]
-        # InternVL's encoder gives one [tiles, tokens, H] tensor and its forward takes one back.
-        pooled = torch.stack(rows) if isinstance(features, torch.Tensor) else tuple(rows)
-        outputs[kind] = BaseModelOutputWithPooling(pooler_output=pooled)
+        encoded = encode(media[key].to(prompts.media[key].device), **extra, return_dict=True)
+        counts = [_items(enc, kind) for enc in unique]
+        rows = _rows_of_groups(encoded.pooler_output, counts, sizes)
+        deepstack = getattr(encoded, "deepstack_features", None)
+        if deepstack:  # Qwen3-VL: per vision layer, one feature tensor per item, repeated alike
+            outputs[kind] = type(encoded)(pooler_output=rows, deepstack_features=[
+                _rows_of_groups(layer, counts, sizes) for layer in deepstack])
+        elif isinstance(encoded.pooler_output, torch.Tensor):  # InternVL: [tiles, tokens, H] in, one tensor back
+            outputs[kind] = BaseModelOutputWithPooling(pooler_output=torch.stack(rows))
+        else:
+            outputs[kind] = BaseModelOutputWithPooling(pooler_output=rows)
     encoder_keys = {ENCODER_INPUTS[k][0] for k in kinds}
     rest = {k: v for k, v in prompts.media.items() if k not in encoder_keys}
     return outputs, rest
+
+
+def _rows_of_groups(features, counts: list[int], sizes: list[int]) -> tuple:
+    """Per-item features of the groups' prompts (`counts` items each, in order) -> the items of
+    every row: each group's items repeated for its `sizes[group]` rows."""
+    per_prompt, start = [], 0
+    for count in counts:
+        per_prompt.append(list(features[start:start + count]))
+        start += count
+    return tuple(f for group, size in enumerate(sizes) for _ in range(size) for f in per_prompt[group])
 
 
 class _Captured(Exception):
@@ -154,7 +164,8 @@ def prefill_once(model, prompts: PromptBatch, n: int):
     cache to its n completions (group-major). Returns the cache for `generate(cache=...)`.
 
     Models with Qwen's M-RoPE keep their rope offsets (`rope_deltas`) per row: those are
-    copied too. Other models get position ids from the attention mask, as `generate` uses.
+    copied too. Other models, and M-RoPE models on prompts without media, get position ids
+    from the attention mask, as `generate` uses.
     """
     inputs = {"input_ids": prompts.input_ids[:, :-1], "attention_mask": prompts.attention_mask[:, :-1],
               **{k: v[:, :-1] for k, v in prompts.token_aligned.items()}, **prompts.media}
@@ -162,15 +173,36 @@ def prefill_once(model, prompts: PromptBatch, n: int):
     mrope = hasattr(base, "rope_deltas")
     if mrope:
         base.rope_deltas = None  # computed afresh for these prompts
-    else:
+    if not mrope or not any(k in inputs for k in ("image_grid_thw", "video_grid_thw")):
+        # Text-only prompts give M-RoPE models no rope offsets: without these ids their prefill
+        # would count the left padding, which generate's decode steps (positions from the
+        # mask) do not.
         mask = inputs["attention_mask"].long()
         inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = model(**inputs, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(n)
+    repeat_cache(cache, n)
     if mrope and base.rope_deltas is not None:
         base.rope_deltas = base.rope_deltas.repeat_interleave(n, dim=0)
     return cache
+
+
+def repeat_cache(cache, n: int) -> None:
+    """Each row of `cache` n times in a row, in place: `batch_repeat_interleave`, plus the conv and
+    recurrent states of linear-attention layers (Qwen3.5's Gated DeltaNet), which transformers'
+    `LinearAttentionLayer` does not repeat (it has no `batch_repeat_interleave`; a hybrid layer
+    inherits the key/value one only)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        cache.batch_repeat_interleave(n)
+        return
+    for layer in layers:
+        if hasattr(layer, "batch_repeat_interleave"):
+            layer.batch_repeat_interleave(n)
+        for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
+            for idx, state in (states or {}).items():
+                if state is not None:
+                    states[idx] = state.repeat_interleave(n, dim=0)
 
 
 def can_prefill_once(prompts: PromptBatch, n: int) -> bool:
@@ -182,6 +214,6 @@ def can_prefill_once(prompts: PromptBatch, n: int) -> bool:
 
 
 __all__ = ["ENCODER_INPUTS", "can_prefill_once", "group_encoder_outputs", "group_prompt_embeddings",
-           "prefill_once", "prompt_groups",
+           "prefill_once", "prompt_groups", "repeat_cache",
            "supports_encoder_reuse"]
 
