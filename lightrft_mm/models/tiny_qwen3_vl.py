@@ -41,8 +41,11 @@ PATCH = 16
 MERGE = 2
 VISION_WIDTH = 32
 VISION_DEPTH = 2
-# Vision layers whose outputs DeepStack adds to text layers 0, 1 (Qwen3-VL-8B: [8, 16, 24] of 27).
-DEEPSTACK = [0, 1]
+# Vision layers whose outputs DeepStack adds to the first text layers' outputs (Qwen3-VL-8B: [8, 16, 24]
+# of 27 vision layers into text layers 0-2 of 36). One here: a feature added after the last of the 2
+# text layers reaches only the visual positions' final states, which predict no token (measured: that
+# merger got no gradient), so it would be a parameter that cannot train.
+DEEPSTACK = [0]
 # Learned vision positions on an 8 x 8 grid (the 8B model: 48 x 48), bilinearly resampled per image.
 POSITION_GRID = 8
 
