@@ -47,6 +47,8 @@ def model_parts(model: nn.Module) -> ModelParts:
             inner = getattr(tower, "merger", None)
             if isinstance(inner, nn.Module):
                 parts.projectors.append(inner)
+            # Qwen3-VL's DeepStack mergers project inner vision layers' features into the text model.
+            parts.projectors += list(getattr(tower, "deepstack_merger_list", None) or ())
     if base is not model:
         parts.loose = list(base.parameters(recurse=False))
     projector = getattr(base, "multi_modal_projector", None)
