@@ -98,6 +98,9 @@ class VideoConfig:
                        choices=("auto", "decord", "pyav"))
     fps: float = opt(2.0, "Frames sampled per second of video (a part's own fps wins).", low=1e-3)
     max_frames: int = opt(32, "Most frames sampled from one video (a part's own max_frames wins).", low=1)
+    use_audio: bool = opt(False, "Qwen2.5-Omni only: every video part also gives the model its audio track, "
+                          "interleaved with the frames in 2 s chunks (the thinker's use_audio_in_video); a video "
+                          "without an audio track is then an error.")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ one sequence of their real tokens (`pack_rows`) and the head sees only real comp
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -110,7 +112,10 @@ def pack_rows(model, inputs: dict, keep: torch.Tensor, *, token_aligned: tuple[s
     base = getattr(model, "model", model)
     if hasattr(base, "get_rope_index"):
         grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
-        if "image_grid_thw" in grids or "video_grid_thw" in grids:
+        thinker = "audio_seqlens" in inspect.signature(base.get_rope_index).parameters  # Qwen2.5-Omni
+        if thinker and ("image_grid_thw" in grids or "video_grid_thw" in grids):
+            spatial, _ = _thinker_rope_index(base, inputs, mask)
+        elif "image_grid_thw" in grids or "video_grid_thw" in grids:
             spatial, _ = base.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                              attention_mask=mask, **grids)
         else:
@@ -124,6 +129,15 @@ def pack_rows(model, inputs: dict, keep: torch.Tensor, *, token_aligned: tuple[s
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
         packed["attention_mask"] = packed_block_masks(model, packed.pop("token_type_ids"), rows)
     return packed | {"position_ids": positions}
+
+
+def _thinker_rope_index(base, inputs: dict, mask: torch.Tensor):
+    """Qwen2.5-Omni thinker's `get_rope_index` (its own signature: audio lengths, seconds per grid
+    and the batch's `use_audio_in_video`), over the padded rows."""
+    lengths = inputs.get("feature_attention_mask")
+    return base.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), mask,
+                               bool(inputs.get("use_audio_in_video", False)),
+                               None if lengths is None else lengths.sum(-1), inputs.get("video_second_per_grid"))
 
 
 def packed_block_masks(model, token_type_ids: torch.Tensor, rows: torch.Tensor) -> dict:
