@@ -185,3 +185,31 @@ def test_activation_formula_matches_the_bytes_autograd_saves(precision):
     b = 4 if precision == "fp32" else 2
     estimate = (layers * per_token_layer(cfg, shape, 128) + b * h) * ids.numel()
     assert abs(measured / estimate - 1) < 0.05, (measured, estimate)
+
+
+def test_cached_config_wins_over_the_card_and_unknown_offline_models_are_named(tmp_path, monkeypatch, capsys):
+    """A Hub id whose config.json is in the Hub cache plans from it, not from the card; a Hub id with
+    neither a cached config nor a card, offline, is an error naming the model and the download."""
+    card = json.loads(Path("lightrft_mm/models/cards/Qwen--Qwen2.5-VL-7B-Instruct.json").read_text())
+    card["num_hidden_layers"] = 3
+    repo = tmp_path / "models--Qwen--Qwen2.5-VL-7B-Instruct"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / "config.json").write_text(json.dumps(card))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config("recipes/geo3k/qwen2_5_vl_7b.yaml", ["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"])
+    plan = make_plan(cfg, config_path="x", world_size=8)
+    assert plan.shape.layers == 3 and "card" not in plan.source
+    code, _, err = dry(capsys, "recipes/geo3k/qwen2_5_vl_7b.yaml", "model.name_or_path=nobody/no-such-model")
+    assert code == 1 and "'nobody/no-such-model' has no config.json here" in err
+    assert "huggingface-cli download nobody/no-such-model config.json" in err
+
+
+def test_7b_without_checkpointing_warns_and_names_activations(capsys):
+    code, out, err = dry(capsys, "recipes/geo3k/qwen2_5_vl_7b.yaml", "model.gradient_checkpointing=false",
+                         "--world-size", "8", "--gpu-memory", "80")
+    assert code == 0, err
+    assert "largest term: activations (" in out
+    assert "warning: the estimate" in out and "model.gradient_checkpointing=true" in out

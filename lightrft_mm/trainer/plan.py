@@ -2,7 +2,8 @@
 
 Builds the policy on the meta device from its config (tiny:<family>: the tiny builder's model moved
 to meta; a local folder or a cached Hub id: its config.json via `models.hub.read_config`; otherwise
-the built-in architecture card of `lightrft_mm.models.cards`), applies LoRA / freezing / activation
+the built-in architecture card of `lightrft_mm.models.cards`; a Hub id without a card: its config.json
+alone, downloaded unless offline), applies LoRA / freezing / activation
 checkpointing as training would, reads the data's manifests, and prints the plan: world size, prompts
 and completions per rank and step, optimizer steps, epochs over the data, tokens per step, and the
 per-GPU memory estimate of `lightrft_mm.trainer.plan_memory` next to the GPU's capacity.
@@ -70,19 +71,23 @@ def meta_policy(model_cfg):
     from lightrft_mm.models import hub
     from lightrft_mm.models.cards import card_names, find_card
 
-    config = hub.read_config(name, getattr(model_cfg, "revision", "") or None)
+    revision = getattr(model_cfg, "revision", "") or None
+    config = hub.read_config(name, revision)
     source = f"architecture from {name}'s config.json"
-    if config is None:
-        card = find_card(name)
-        if card is None:
-            raise ModelError(f"model.name_or_path: {name!r} has no config.json here (not a local folder, not in the "
-                             "Hugging Face cache) and no built-in architecture card (cards: "
-                             f"{', '.join(card_names())}). Fix: download it first (huggingface-cli download {name} "
-                             "config.json), or point model.name_or_path at a local model folder.")
+    card = find_card(name) if config is None else None
+    if card is not None:
         hub_id, config = card
         matched = "" if name == hub_id else f", matched by the folder name of {name}, which is not there yet"
         source = (f"architecture from the built-in card of {hub_id} (lightrft_mm/models/cards{matched}); the real "
                   "config.json wins when downloaded")
+    elif config is None:  # no card: config.json alone from the Hub, unless offline
+        config = hub.read_config(name, revision, download=True)
+        source = f"architecture from {name}'s config.json (downloaded alone, no weights)"
+    if config is None:
+        raise ModelError(f"model.name_or_path: {name!r} has no config.json here (not a local folder, not in the "
+                         "Hugging Face cache, not downloadable now) and no built-in architecture card (cards: "
+                         f"{', '.join(card_names())}). Fix: download it first (huggingface-cli download {name} "
+                         "config.json), or point model.name_or_path at a local model folder.")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
     config = dict(config)
