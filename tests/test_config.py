@@ -231,11 +231,13 @@ def test_missing_model_folder_names_the_path(tmp_path):
 
 
 def test_existing_model_folder_is_accepted(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')  # a model folder has one
     cfg = load_config(RECIPE, [f"model.name_or_path={tmp_path}"])
     assert cfg.model.name_or_path == str(tmp_path)
 
 
 def test_tiny_tokenizer_with_a_model_folder_is_an_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     (problem,) = _problems(_error([f"model.name_or_path={tmp_path}", "model.tiny_tokenizer=qwen"]))
     assert problem.startswith("model.tiny_tokenizer:") and "tiny:" in problem and "Fix" in problem
     # ...while with a tiny model it is a valid choice.
