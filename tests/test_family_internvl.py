@@ -3,11 +3,14 @@ batches, log-prob parity, encode-once-per-group, padding-free, training, reload 
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from lightrft_mm.datasets.synthetic_video import write_mp4
 from lightrft_mm.errors import MediaError, ModelError
 from lightrft_mm.models.logprobs import forward_logprobs
 from lightrft_mm.models.tiny import build_tiny
@@ -15,6 +18,8 @@ from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.internvl import InternVLAdapter, internvl_image_processor_class
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.schema import Sample
+from tests import test_mixed_modalities
+from tests.test_mixed_modalities import mixed  # noqa: F401  (a fixture)
 from tests.test_padding_free import test_packed_forward_equals_the_padded_one as packed_forward_check
 from tests.test_shared import (  # noqa: F401  (media is a fixture; the three tests run on `setup` below)
     media, test_rollout_prefill_once_gives_the_same_completions_with_1_over_n_of_the_encoder_work,
@@ -38,21 +43,25 @@ def pictures(tmp_path_factory):
     rng = np.random.default_rng(0)
     for name, (h, w) in {"square.png": (84, 84), "wide.png": (56, 112), "tall.png": (140, 56)}.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    write_mp4(root / "clip.mp4", rng.integers(0, 256, (4, 48, 64, 3), dtype=np.uint8), fps=2)  # 4 frames sampled
     return root
 
 
-def _row(sid, root, images, text, system=None):
-    parts = [{"type": "image", "image": str(root / name)} for name in images] + [{"type": "text", "text": text}]
+def _row(sid, root, files, text, system=None):
+    kind = lambda name: "video" if name.endswith(".mp4") else "image"  # noqa: E731
+    parts = [{"type": kind(n), kind(n): str(root / n)} for n in files] + [{"type": "text", "text": text}]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": parts}]
     return Sample.from_dict({"id": sid, "messages": messages})
 
 
 def _mixed(root):
-    """Rows of different lengths: one image, text only, two images of other shapes, text with a system turn."""
+    """Rows of different lengths: one image, text only, two images of other shapes, text with a
+    system turn, a video after an image."""
     return [_row("square", root, ["square.png"], "What colour?"),
             _row("text", root, [], "Say hi."),
             _row("two", root, ["wide.png", "tall.png"], "Which one is wider? Answer with one word."),
-            _row("sys", root, [], "Count to three.", system="You are a helpful assistant.")]
+            _row("sys", root, [], "Count to three.", system="You are a helpful assistant."),
+            _row("clip", root, ["wide.png", "clip.mp4"], "Which way does it move?")]
 
 
 @pytest.fixture(scope="module")
@@ -76,34 +85,59 @@ def test_tiny_internvl_is_the_real_class_and_the_image_reaches_the_lm(tiny, pict
     assert not torch.allclose(logits, blank)
 
 
-def test_each_image_is_tiled_by_its_aspect_ratio_and_written_as_the_processor_writes_it(tiny, pictures):
-    """<img> + <IMG_CONTEXT> x (4 x tiles) + </img> per image; tiles from the GotOcr2 grid rule."""
+def _spans(ids: list[int], start: int, end: int, context: int) -> list[int]:
+    """The lengths of the <img> ... </img> spans of a prompt (each span holds only <IMG_CONTEXT>)."""
+    spans = []
+    while start in ids:
+        i, j = ids.index(start), ids.index(end)
+        assert set(ids[i + 1:j]) == {context}
+        spans.append(j - i - 1)
+        ids = ids[j + 1:]
+    assert context not in ids
+    return spans
+
+
+def test_each_image_is_tiled_by_its_aspect_ratio_and_each_frame_is_one_tile(tiny, pictures):
+    """<img> + <IMG_CONTEXT> x (4 x tiles) + </img> per image (tiles from the GotOcr2 grid rule),
+    `FrameK: <img>` + 4 x <IMG_CONTEXT> + `</img>` per sampled frame, as InternVLProcessor writes them."""
     _, processor, adapter = tiny
     tok = processor.tokenizer
-    start, end, context = (tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<IMG_CONTEXT>"))
+    ids_of = {t: tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<IMG_CONTEXT>")}
     ip = processor.image_processor
-    expected = {name: ip.get_number_of_image_patches(*Image.open(pictures / name).size[::-1], {})
-                for name in ("square.png", "wide.png", "tall.png")}
+    tiles = {name: ip.get_number_of_image_patches(*Image.open(pictures / name).size[::-1], {})
+             for name in ("square.png", "wide.png", "tall.png")}
     # 2x2 grid + thumbnail, 2x1 + thumbnail, 1x3 + thumbnail: one batch, three tile counts.
-    assert expected == {"square.png": 5, "wide.png": 3, "tall.png": 4}
+    assert tiles == {"square.png": 5, "wide.png": 3, "tall.png": 4}
+    tiles["clip.mp4"] = [1] * 4  # 2 s at the default 2 fps: 4 frames of one tile each
     batch = adapter.encode_prompts(_mixed(pictures))
-    for enc, images in zip(batch.encodings, [["square.png"], [], ["wide.png", "tall.png"], []]):
-        ids = enc.input_ids.tolist()
-        spans = []
-        while start in ids:
-            i, j = ids.index(start), ids.index(end)
-            assert set(ids[i + 1:j]) == {context}
-            spans.append(j - i - 1)
-            ids = ids[j + 1:]
-        assert context not in ids
-        assert spans == [TOKENS_PER_TILE * expected[name] for name in images]
-        tiles = sum(expected[name] for name in images)
-        assert enc.media.get("pixel_values", torch.zeros(0, 3, 56, 56)).shape == (tiles, 3, 56, 56)
-    assert batch.media["pixel_values"].shape[0] == 5 + 3 + 4
-    # The rendered prompt is the -hf template's: one <IMG_CONTEXT>\n per image part, in place.
-    text = tok.decode(batch.encodings[2].input_ids)
-    assert text.startswith("<|im_start|>user\n<img>") and text.endswith(
-        "</img>\nWhich one is wider? Answer with one word.<|im_end|>\n<|im_start|>assistant\n")
+    files = [["square.png"], [], ["wide.png", "tall.png"], [], ["wide.png", "clip.mp4"]]
+    for enc, names in zip(batch.encodings, files, strict=True):
+        spans = _spans(enc.input_ids.tolist(), *ids_of.values())
+        per_tile = [[tiles[n]] if isinstance(tiles[n], int) else tiles[n] for n in names]
+        assert spans == [TOKENS_PER_TILE * t for item in per_tile for t in item]
+        assert enc.media.get("pixel_values", torch.zeros(0, 3, 56, 56)).shape == (sum(map(sum, per_tile)), 3, 56, 56)
+    assert batch.media["pixel_values"].shape[0] == 5 + 3 + 4 + 3 + 4
+    # The -hf template's one <IMG_CONTEXT>\n / <video>\n per part, expanded in place.
+    text = tok.decode(batch.encodings[4].input_ids)
+    frame = "<img>" + "<IMG_CONTEXT>" * TOKENS_PER_TILE + "</img>"
+    assert text == ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 12 + "</img>\n"
+                    + "\n".join(f"Frame{k}: {frame}" for k in range(1, 5))
+                    + "\nWhich way does it move?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_image_prompts_are_encoded_exactly_as_the_internvl_processor_encodes_them(tiny, pictures):
+    _, processor, adapter = tiny
+    for sample in _mixed(pictures)[:3]:
+        enc = adapter.encode_one(sample)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": p.type} if p.type != "text" else {"type": "text", "text": p.text}
+                                          for p in sample.messages[0].content]}],
+            add_generation_prompt=True, tokenize=False)
+        images = [Image.open(p.image).convert("RGB") for p in sample.media("image")]
+        out = processor(text=[text], images=images or None, return_tensors="pt")
+        assert torch.equal(enc.input_ids, out["input_ids"][0]), sample.id
+        if images:
+            assert torch.equal(enc.media["pixel_values"], out["pixel_values"]), sample.id
 
 
 def test_greedy_generation_in_a_left_padded_mixed_batch_equals_each_prompt_alone(tiny, pictures):
@@ -159,21 +193,24 @@ def test_packed_forward_equals_the_padded_one(share, media):  # noqa: F811
     packed_forward_check("internvl", share, media)
 
 
-def test_video_and_audio_parts_and_stray_placeholders_are_refused_clearly(tiny, pictures):
+def test_a_mixed_jsonl_trains_two_steps_without_its_audio_rows(mixed, tmp_path, caplog, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(test_mixed_modalities.TAKES, "internvl", {"image", "multi_image", "video", "text"})
+    test_mixed_modalities.test_mixed_jsonl_trains_two_steps(mixed, tmp_path, "internvl", caplog)
+
+
+def test_audio_parts_and_stray_placeholders_are_refused_clearly(tiny, pictures):
     _, _, adapter = tiny
-    video = Sample.from_dict({"id": "clip-3", "messages": [{"role": "user", "content": [
-        {"type": "video", "video": str(pictures / "v.mp4")}, {"type": "text", "text": "What moves?"}]}]})
-    with pytest.raises(MediaError, match=r"sample clip-3: .*text and image parts only.*video.*qwen2_5_vl"):
-        adapter.encode_prompts([video])
     audio = Sample.from_dict({"id": "tone-1", "messages": [{"role": "user", "content": [
         {"type": "audio", "audio": str(pictures / "t.wav")}, {"type": "text", "text": "High or low?"}]}]})
-    with pytest.raises(MediaError, match=r"sample tone-1: .*audio.*qwen2_audio"):
+    with pytest.raises(MediaError, match=r"sample tone-1: .*text, image and video parts.*qwen2_audio"):
         adapter.encode_prompts([audio])
     stray = _row("stray", pictures, ["square.png"], "Look: <IMG_CONTEXT>")
     with pytest.raises(MediaError, match=r"sample stray: .*2 '<IMG_CONTEXT>' placeholder\(s\).*1 image part"):
         adapter.encode_prompts([stray])
-    with pytest.raises(MediaError, match=r"sample vid: .*'<video>'"):
+    with pytest.raises(MediaError, match=r"sample vid: .*1 '<video>' placeholder\(s\).*0 video part"):
         adapter.encode_prompts([_row("vid", pictures, [], "a <video> here")])
+    with pytest.raises(MediaError, match=r"sample gone: .*missing\.mp4"):
+        adapter.encode_prompts([_row("gone", pictures, ["missing.mp4"], "Hi")])
 
 
 def test_one_training_step_moves_every_parameter_the_images_use(tmp_path):
@@ -250,3 +287,23 @@ def test_demo_learns_with_tiny_internvl(tmp_path):
         f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false", "logging.plot=false"])
     assert summary["before"] <= 0.35, summary["line"]
     assert summary["after"] >= 0.80, summary["line"]
+
+    # Blank every held-out image: the trained policy falls back to chance (it reads the tiles).
+    from transformers import AutoModelForImageTextToText
+
+    from lightrft_mm.datasets.loader import load_samples
+    from lightrft_mm.rewards import REWARDS
+    from lightrft_mm.trainer.evaluate import evaluate
+
+    blank = tmp_path / "blank"
+    shutil.copytree(data / "heldout", blank)
+    for png in (blank / "media").iterdir():
+        Image.new("RGB", (84, 84), (128, 128, 128)).save(png)
+    model = AutoModelForImageTextToText.from_pretrained(summary["checkpoint"])
+    adapter = make_adapter(model, internvl_image_processor_class().from_pretrained(summary["checkpoint"]))
+    engine = HFRolloutEngine(model, adapter)
+    fns = [("exact_match", REWARDS.get("exact_match"), 1.0)]
+    real, blanked = (evaluate(engine, adapter, load_samples([folder]), fns, accuracy_reward="exact_match",
+                              max_new_tokens=8)["accuracy"] for folder in (data / "heldout", blank))
+    assert real == pytest.approx(summary["after"])
+    assert blanked <= 0.35
