@@ -188,22 +188,27 @@ def test_checkpoint_reloads_with_transformers(tiny, media, tmp_path):  # noqa: F
 
 
 def test_one_step_trains_every_parameter(tmp_path):
-    """Two GRPO steps on colour images with a length reward (varies in every group): every
-    parameter moves, the vision tower's, the Gated DeltaNet's (A_log, dt_bias, conv1d, ...) and
-    the full-attention layer's included."""
+    """Two GRPO steps on colour images with a reward that varies in every group (the sum of the
+    completion's token ids: a length reward alone is constant here, the random policy rarely ends
+    within 8 tokens): every parameter moves, the vision tower's, the Gated DeltaNet's (A_log,
+    dt_bias, conv1d, ...) and the full-attention layer's included."""
+    import json
+
     from lightrft_mm.config import load_config
     from lightrft_mm.models import load_pretrained
     from lightrft_mm.prepare import prepare_synthetic
     from lightrft_mm.trainer.loop import train
 
     data = prepare_synthetic("colors", tmp_path / "train", n=4, seed=1)
-    reward = tmp_path / "length.py"
-    reward.write_text("def length(inputs):\n    return [float(len(x.completion_ids)) for x in inputs]\n")
+    reward = tmp_path / "ids.py"
+    reward.write_text("def ids(inputs):\n    return [float(sum(x.completion_ids)) for x in inputs]\n")
     out = tmp_path / "run"
     train(load_config("recipes/demo/colors.yaml", [
         "model.name_or_path=tiny:qwen3_5", f"data.train=[{data}]", "data.eval=[]", "warmup.steps=0",
         "trainer.max_steps=2", "data.batch_size=2", "rollout.n=4", "trainer.lr=1e-2", f"trainer.output_dir={out}",
-        "logging.progress=false", "logging.plot=false", f"rewards=[{{name: '{reward}:length'}}]"]))
+        "logging.progress=false", "logging.plot=false", f"rewards=[{{name: '{reward}:ids'}}]"]))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] > 0 for r in steps if "grad_norm" in r] == [True, True]
     before, _ = build_tiny("qwen3_5", seed=0)
     after = dict(load_pretrained(out / "checkpoint-final")[0].named_parameters())
     still = [n for n, p in before.named_parameters() if torch.equal(p.detach(), after[n].detach())]
