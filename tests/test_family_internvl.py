@@ -125,8 +125,15 @@ def test_each_image_is_tiled_by_its_aspect_ratio_and_each_frame_is_one_tile(tiny
                     + "\nWhich way does it move?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_image_prompts_are_encoded_exactly_as_the_internvl_processor_encodes_them(tiny, pictures):
-    _, processor, adapter = tiny
+@pytest.mark.parametrize("own_crop", [True, False], ids=["crop", "released-config"])
+def test_image_prompts_are_encoded_exactly_as_the_internvl_processor_encodes_them(tiny, pictures, own_crop):
+    """Also with `crop_to_patches: false` in the image processor's own config, as the released
+    checkpoints have it: InternVLProcessor tiles anyway (its call default), and so does the adapter."""
+    import copy
+
+    processor = copy.deepcopy(tiny[1])
+    processor.image_processor.crop_to_patches = own_crop
+    adapter = InternVLAdapter(processor)
     for sample in _mixed(pictures)[:3]:
         enc = adapter.encode_one(sample)
         text = processor.apply_chat_template(
