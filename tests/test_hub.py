@@ -177,6 +177,16 @@ def test_validate_passes_a_hub_model_not_downloaded_yet(cache, capsys):
         in capsys.readouterr().out
 
 
+def test_a_missing_folder_that_looks_like_a_hub_id_is_named_both_ways(cache, tmp_path, monkeypatch):
+    """`models/X` with ./models there but no ./models/X: read as a Hub id, and the note says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    note = hub.describe("models/Qwen2.5-VL-7B-Instruct")
+    assert "not downloaded yet" in note and "hf download models/Qwen2.5-VL-7B-Instruct" in note
+    assert f"no local folder {tmp_path / 'models' / 'Qwen2.5-VL-7B-Instruct'} exists" in note
+    assert "local folder" not in hub.describe("lrmm-test/elsewhere")  # no ./lrmm-test: a plain Hub id
+
+
 @pytest.mark.parametrize("name, expected", [
     ("Qwen/Qwen2.5 VL", "neither a local folder nor a well-formed Hub id"),
     ("Qwen/Qwen--VL", "neither a local folder nor a well-formed Hub id"),

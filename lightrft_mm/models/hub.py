@@ -206,7 +206,8 @@ def _download(name: str, revision: str | None, cache: Path, progress: bool) -> P
                          f"huggingface.co/{name}, or remove it for main.") from e
     except RepositoryNotFoundError as e:
         raise ModelError(f"{where}: not found on the Hub (or private). Fix: check the id (ORG/NAME, e.g. "
-                         "Qwen/Qwen2.5-VL-7B-Instruct); for a private model `hf auth login`.") from e
+                         "Qwen/Qwen2.5-VL-7B-Instruct); for a private model `hf auth login`"
+                         f"{_folder_hint(name)}.") from e
     except Exception as e:  # noqa: BLE001 -- no network (httpx's errors are no OSError), other HTTP errors
         raise ModelError(f"{where}: could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0]}). Fix: "
                          f"check the network, or download it where there is one (`{download_command(name, revision)}`) "
@@ -224,7 +225,15 @@ def describe(name: str, revision: str | None = None) -> str:
         return f"model {where}: cached in {config.parent}"
     how = (f"offline: download it before training with `{download_command(name, revision)}`" if offline()
            else f"train downloads it into {cache_dir()} (or first: `{download_command(name, revision)}`)")
-    return f"model {where}: not downloaded yet; {how}"
+    return f"model {where}: not downloaded yet; {how}{_folder_hint(name)}"
+
+
+def _folder_hint(name: str) -> str:
+    """For an id whose first part is a local folder (`models/X` with ./models there): it may be a path."""
+    if Path(name).parent.is_dir():
+        return (f". It is read as a Hub id because no local folder {Path(name).absolute()} exists; if you meant "
+                "that folder, create it or fix the path")
+    return ""
 
 
 __all__ = ["HUB_ID", "cache_dir", "cached_file", "describe", "download_command", "is_hub_id", "missing_files",
