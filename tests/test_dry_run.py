@@ -19,7 +19,7 @@ from lightrft_mm.trainer.plan import make_plan
 
 RECIPES = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("recipes/*/*.yaml"))
 TERMS = ("parameters", "gradients", "master weights", "optimizer state", "KL reference model", "activations",
-         "log-prob head", "total (peak:", "GPU capacity", "largest term:")
+         "vision tower activations", "log-prob head", "total (peak:", "GPU capacity", "largest term:")
 TINY = "recipes/geo3k/tiny.yaml"
 
 
@@ -213,3 +213,13 @@ def test_7b_without_checkpointing_warns_and_names_activations(capsys):
     assert code == 0, err
     assert "largest term: activations (" in out
     assert "warning: the estimate" in out and "model.gradient_checkpointing=true" in out
+
+
+def test_vision_term_follows_freezing_and_checkpointing():
+    def vision(*overrides):
+        plan = make_plan(load_config(TINY, list(overrides)), config_path=TINY, world_size=1)
+        return next(t.bytes for t in plan.terms if t.name.startswith("vision tower activations"))
+
+    full, checkpointed = vision(), vision("model.gradient_checkpointing=true")
+    assert full > checkpointed > 0
+    assert vision("model.freeze=[vision]") == 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from lightrft_mm.config import Config
 from lightrft_mm.errors import ConfigError, ModelError
 from lightrft_mm.trainer.plan_memory import (GIB, Shape, Term, activation_terms, engine_term, human, knobs_for, peak,
-                                             reference_term, state_terms, text_shape)
+                                             reference_term, state_terms, text_shape, vision_shape, vision_term)
 
 ASSUMED_PROMPT_TOKENS = 1024  # when neither data.max_prompt_tokens nor a manifest gives prompt lengths
 
@@ -117,11 +117,13 @@ def largest_unit(model) -> int:
     return max(sizes)
 
 
-def model_shape(model) -> Shape:
+def model_shape(model, counts: dict[str, int]) -> Shape:
+    """The estimate's view of the meta model; `counts`: apply_trainable's params/<part>/* counts."""
     params = list(model.parameters())
     return Shape(params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
                  trainable_tensors=sum(1 for p in params if p.requires_grad), largest_unit=largest_unit(model),
-                 **text_shape(model.config))
+                 vision_trains=counts.get("params/vision/trainable", 0) > 0, **text_shape(model.config),
+                 **vision_shape(model.config))
 
 
 def read_data(cfg: Config) -> tuple[list[str], int | None, int | None]:
@@ -195,7 +197,7 @@ def make_plan(cfg: Config, *, config_path: str, world_size: int, gpu_memory: flo
                           f"{world_size} ranks (each rank takes whole prompt groups). Fix: a multiple of {world_size}.")
     model, source = meta_policy(cfg.model)
     counts = apply_trainable(model, cfg.model)
-    shape = model_shape(model)
+    shape = model_shape(model, counts)
     data_lines, rows, longest = read_data(cfg)
     if d.max_prompt_tokens:
         prompt = min(d.max_prompt_tokens, longest) if longest else d.max_prompt_tokens
@@ -233,8 +235,9 @@ def make_plan(cfg: Config, *, config_path: str, world_size: int, gpu_memory: flo
         f"training pass (micro-batch): {micro_groups} group(s) x {r.n} = {micro_groups * r.n} rows x {seq} tokens",
     ]
     act, head, plan.without_ckpt, plan.with_ckpt = activation_terms(cfg, shape, micro_groups * r.n, seq)
-    plan.terms = [*state_terms(cfg, shape, world_size), reference_term(cfg, shape, world_size), act, head,
-                  engine_term(cfg, shape, per_rank * r.n, seq, capacity)]
+    plan.terms = [*state_terms(cfg, shape, world_size), reference_term(cfg, shape, world_size), act,
+                  vision_term(cfg, shape, micro_groups, prompt), head, engine_term(cfg, shape, per_rank * r.n, seq,
+                                                                                   capacity)]
     plan.total, plan.phase = peak(plan.terms)
     return plan
 

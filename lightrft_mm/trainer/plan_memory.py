@@ -26,8 +26,13 @@ intermediate size, kv = kv_heads x head_dim.
   checked against the bytes autograd saves (tests/test_dry_run.py; within 3 % in fp32 and bf16).
   With model.gradient_checkpointing only each layer's input is kept, L x b x h x tokens, plus one
   layer recomputed in full, b x (8h + 2kv + 4I) x tokens.
-  Both add the final hidden states, b x h x tokens. Vision / audio tower activations are not counted
-  (they depend on the media sizes; encoded once per prompt with trainer.encode_prompts_once).
+  Both add the final hidden states, b x h x tokens.
+- Vision tower activations (0 when it is frozen): an upper bound that takes every prompt token for an
+  image token, patches = prompts x prompt tokens x patches per image token (Qwen's spatial merge 4,
+  InternVL's pixel shuffle, Gemma 3's pooling 16, LLaVA 1), prompts = the pass's groups (its rows
+  without trainer.encode_prompts_once); per block and patch b x (10w + 4I_v) bytes (w its width, full
+  multi-head attention), or with checkpointing b x w per block plus one block in full. Audio tower
+  activations are not counted.
 - The chunked log-prob head (models.logprobs.CHUNK_ELEMENTS): one chunk of fp32 vocabulary logits,
   its log-softmax and its gradient, 3 x 4 B x positions x vocabulary, positions = min(CHUNK_ELEMENTS //
   vocabulary, the micro-batch's completion tokens rows x max_new_tokens): at most 3 x 4 B x CHUNK_ELEMENTS.
@@ -79,6 +84,11 @@ class Shape:
     kv_dim: int  # kv_heads x head_dim
     largest_unit: int  # parameters of the largest unit FSDP2 / ZeRO-3 gathers at once
     vocab: int = 0
+    vision_layers: int = 0  # 0: no vision tower
+    vision_width: int = 0
+    vision_intermediate: int = 0
+    patches_per_token: int = 1  # vision patches behind one image token of the prompt
+    vision_trains: bool = False  # the tower keeps activations for a backward (not frozen)
 
 
 def text_shape(config) -> dict:
@@ -90,6 +100,26 @@ def text_shape(config) -> dict:
     return {"layers": text.num_hidden_layers, "hidden": text.hidden_size, "heads": heads,
             "intermediate": getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
             "kv_dim": kv_heads * head_dim, "vocab": text.vocab_size}
+
+
+def vision_shape(config) -> dict:
+    """Depth, width, MLP width of the vision tower of an HF config, and the patches behind one image
+    token (Qwen's spatial merge, InternVL's pixel shuffle, Gemma 3's pooling; 1 for LLaVA); {} without one."""
+    vision = getattr(config, "vision_config", None) or getattr(getattr(config, "thinker_config", None),
+                                                               "vision_config", None)
+    if vision is None:
+        return {}
+    width = getattr(vision, "embed_dim", None) or vision.hidden_size
+    depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 0)
+    inter = getattr(vision, "intermediate_size", None) or int(getattr(vision, "mlp_ratio", 4) * width)
+    patches = 1
+    if getattr(vision, "spatial_merge_size", None):
+        patches = vision.spatial_merge_size ** 2
+    elif getattr(config, "downsample_ratio", None):
+        patches = round(1 / config.downsample_ratio ** 2)
+    elif getattr(config, "mm_tokens_per_image", None) and getattr(vision, "image_size", None):
+        patches = max(1, (vision.image_size // vision.patch_size) ** 2 // config.mm_tokens_per_image)
+    return {"vision_layers": depth, "vision_width": width, "vision_intermediate": inter, "patches_per_token": patches}
 
 
 def _bytes_of(precision: str) -> int:
@@ -181,6 +211,25 @@ def activation_terms(cfg, shape: Shape, micro_rows: int, seq: int) -> tuple[Term
     return act, head, without, with_ckpt
 
 
+def vision_term(cfg, shape: Shape, micro_groups: int, prompt_tokens: int) -> Term:
+    """Activations the vision tower keeps for the backward of one training pass: an upper bound that
+    takes every prompt token for an image token (see module doc)."""
+    if not shape.vision_layers:
+        return Term("vision tower activations", 0, "no vision tower", "train")
+    if not shape.vision_trains:
+        return Term("vision tower activations", 0, "vision tower frozen: nothing kept for its backward", "train")
+    b = _bytes_of(cfg.strategy.precision)
+    w, depth = shape.vision_width, shape.vision_layers
+    rows = micro_groups if cfg.trainer.encode_prompts_once else micro_groups * cfg.rollout.n
+    patches = rows * prompt_tokens * shape.patches_per_token
+    layer = b * (10 * w + 4 * shape.vision_intermediate) + (6 * w if b == 2 else 0)
+    without, with_ckpt = depth * layer * patches, depth * b * w * patches + layer * patches
+    on = cfg.model.gradient_checkpointing
+    return Term("vision tower activations" + (" (checkpointed)" if on else ""), with_ckpt if on else without,
+                f"bound: {rows} prompt(s) x {prompt_tokens} tokens x {shape.patches_per_token} patches, {depth} blocks"
+                f"; without / with checkpointing {human(without)} / {human(with_ckpt)}", "train")
+
+
 def engine_term(cfg, shape: Shape, rollout_rows: int, seq: int, capacity: float) -> Term:
     """The rollout engine's memory on this GPU (see module doc)."""
     r = cfg.rollout
@@ -209,6 +258,8 @@ def peak(terms: list[Term]) -> tuple[float, str]:
 KNOBS = {
     "activations": "model.gradient_checkpointing=true, a smaller trainer.micro_batch_groups, shorter "
                    "rollout.max_new_tokens / data.max_prompt_tokens",
+    "vision tower activations": "model.gradient_checkpointing=true, model.freeze=[vision], smaller images "
+                                "(fewer image tokens)",
     "parameters": "strategy.name=fsdp2 (or deepspeed with zero_stage=3) over more GPUs, strategy.offload=all",
     "gradients": "model.lora.r / model.freeze (fewer trainable parameters), sharding over more GPUs",
     "optimizer state": "model.lora.r / model.freeze, sharding over more GPUs, strategy.offload",
