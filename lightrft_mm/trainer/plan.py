@@ -245,7 +245,7 @@ def make_plan(cfg: Config, *, config_path: str, world_size: int, gpu_memory: flo
 def format_plan(plan: Plan) -> str:
     """The printed plan: header, model, data, run, memory table, largest term, warning."""
     gib = human
-    out = [f"dry run: {plan.config_path} (nothing allocated: the model is built on the meta device)",
+    out = [f"dry run: {plan.config_path} (no weights allocated: the model's parameters are on the meta device)",
            f"model    {plan.model_line}", f"         {plan.source}", f"         trains: {plan.trains}"]
     out += [f"data     {line}" for line in plan.data]
     out += [f"run      {line}" for line in plan.lines]
