@@ -9,20 +9,19 @@ The audio side mirrors `tiny:qwen2_audio`: 32 mel bins and a 2 s window (the fea
 attention window (`n_window` = 100, chunks of 200 frames) is the real model's. Images are resized
 to `image_size` squared pixels (84 -> 3x3 = 9 visual tokens), as `tiny:qwen2_5_vl` does.
 
-The processor is `Qwen2_5OmniProcessor` without its video processor (which needs torchvision);
+The processor is `Qwen2_5OmniProcessor` without its video processor (which needs torchvision,
+`lightrft_mm.processors.qwen_omni.Qwen2_5OmniNoVideoProcessor`);
 `lightrft_mm.processors.qwen_omni.QwenOmniAdapter` builds the prompts, videos included, by hand.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5OmniProcessor
 
 from lightrft_mm.models.tiny import AUDIO_CORPUS
+from lightrft_mm.processors.qwen_omni import (AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, VIDEO, VISION_BOS, VISION_EOS,
+                                             Qwen2_5OmniNoVideoProcessor)
 
-VISION_BOS, VISION_EOS = "<|vision_bos|>", "<|vision_eos|>"
-AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
-IMAGE, VIDEO, AUDIO = "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"
 SPECIAL_TOKENS = [VISION_BOS, VISION_EOS, IMAGE, VIDEO, AUDIO_BOS, AUDIO, AUDIO_EOS]
 EXTRA_CORPUS = AUDIO_CORPUS + "\nPicture 1: Video 1: Listen to the video. What do you hear and see?\n"
 
@@ -54,30 +53,6 @@ N_WINDOW = 100  # the encoder attends within chunks of 2 * n_window feature fram
 # the projected audio tokens are barely larger than text embeddings.
 AUDIO_CONV_STD = 0.4
 AUDIO_PROJECTOR_STD = 0.3
-
-
-class Qwen2_5OmniNoVideoProcessor(Qwen2_5OmniProcessor):
-    """`Qwen2_5OmniProcessor` with image processor, feature extractor and tokenizer, without the
-    video processor (torchvision); saved as the stock class."""
-
-    def __init__(self, image_processor=None, feature_extractor=None, tokenizer=None, chat_template=None, **kwargs):
-        from transformers.processing_utils import ProcessorMixin
-
-        ids = tokenizer.convert_tokens_to_ids
-        self.image_token, self.video_token, self.audio_token = IMAGE, VIDEO, AUDIO
-        self.image_token_id, self.video_token_id, self.audio_token_id = ids(IMAGE), ids(VIDEO), ids(AUDIO)
-        self.vision_bos_token, self.vision_eos_token = VISION_BOS, VISION_EOS
-        self.audio_bos_token, self.audio_eos_token = AUDIO_BOS, AUDIO_EOS
-        ProcessorMixin.__init__(self, image_processor, feature_extractor, tokenizer, chat_template=chat_template)
-
-    @property
-    def model_input_names(self):
-        return list(dict.fromkeys(self.tokenizer.model_input_names + self.feature_extractor.model_input_names
-                                  + self.image_processor.model_input_names
-                                  + ["feature_attention_mask", "video_second_per_grid"]))
-
-    def to_dict(self):
-        return {**super().to_dict(), "processor_class": "Qwen2_5OmniProcessor"}
 
 
 def build(tok, text: dict, image_size: int):

@@ -26,6 +26,8 @@ import re
 
 import numpy as np
 import torch
+from transformers import Qwen2_5OmniProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from lightrft_mm.errors import MediaError, ModelError
 from lightrft_mm.processors.adapter import HFChatAdapter, PromptEncoding, load_image, to_hf_messages
@@ -35,6 +37,7 @@ from lightrft_mm.schema import Part, Sample
 
 IMAGE, VIDEO, AUDIO = "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"
 AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
+VISION_BOS, VISION_EOS = "<|vision_bos|>", "<|vision_eos|>"
 _PLACEHOLDERS = re.compile("|".join(re.escape(t) for t in (IMAGE, VIDEO, AUDIO)))
 _KIND = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
 
@@ -68,6 +71,43 @@ def chunk_bounds(indices: torch.Tensor, tokens_per_chunk: int) -> list[tuple[int
 def audio_tokens(feature_frames: int) -> int:
     """Audio tokens of a clip of `feature_frames` mel frames (the encoder's two halvings)."""
     return ((feature_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+class Qwen2_5OmniNoVideoProcessor(Qwen2_5OmniProcessor):
+    """`Qwen2_5OmniProcessor` with image processor, feature extractor and tokenizer, without the
+    video processor (torchvision); saved as the stock class."""
+
+    def __init__(self, image_processor=None, feature_extractor=None, tokenizer=None, chat_template=None, **kwargs):
+        ids = tokenizer.convert_tokens_to_ids
+        self.image_token, self.video_token, self.audio_token = IMAGE, VIDEO, AUDIO
+        self.image_token_id, self.video_token_id, self.audio_token_id = ids(IMAGE), ids(VIDEO), ids(AUDIO)
+        self.vision_bos_token, self.vision_eos_token = VISION_BOS, VISION_EOS
+        self.audio_bos_token, self.audio_eos_token = AUDIO_BOS, AUDIO_EOS
+        ProcessorMixin.__init__(self, image_processor, feature_extractor, tokenizer, chat_template=chat_template)
+
+    @property
+    def model_input_names(self):
+        return list(dict.fromkeys(self.tokenizer.model_input_names + self.feature_extractor.model_input_names
+                                  + self.image_processor.model_input_names
+                                  + ["feature_attention_mask", "video_second_per_grid"]))
+
+    def to_dict(self):
+        return {**super().to_dict(), "processor_class": "Qwen2_5OmniProcessor"}
+
+
+def load_omni_processor(path):
+    """The processor saved beside a Qwen2.5-Omni thinker, built without torchvision (`AutoProcessor`
+    needs the video processor): its image processor, feature extractor, tokenizer and chat template.
+
+    Args:
+        path: the model folder.
+    """
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Qwen2_5OmniNoVideoProcessor(AutoImageProcessor.from_pretrained(path),
+                                       AutoFeatureExtractor.from_pretrained(path), tokenizer,
+                                       chat_template=tokenizer.chat_template)
 
 
 class QwenOmniAdapter(HFChatAdapter):
@@ -249,4 +289,5 @@ class QwenOmniAdapter(HFChatAdapter):
         return audio
 
 
-__all__ = ["AudioInVideo", "QwenOmniAdapter", "audio_tokens", "chunk_bounds"]
+__all__ = ["AudioInVideo", "Qwen2_5OmniNoVideoProcessor", "QwenOmniAdapter", "audio_tokens", "chunk_bounds",
+           "load_omni_processor"]
