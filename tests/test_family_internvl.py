@@ -71,18 +71,19 @@ def setup(tiny, pictures):
     return "internvl", model, adapter, adapter.encode_prompts(_mixed(pictures))
 
 
-def test_tiny_internvl_is_the_real_class_and_the_image_reaches_the_lm(tiny, pictures):
+def test_tiny_internvl_is_the_real_class_and_images_and_videos_reach_the_lm(tiny, pictures):
     from transformers import InternVLForConditionalGeneration
 
     model, _, adapter = tiny
     assert type(model) is InternVLForConditionalGeneration and isinstance(adapter, InternVLAdapter)
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
-    batch = adapter.encode_prompts([_row("square", pictures, ["square.png"], "What colour?")])
-    with torch.no_grad():
-        logits = model(**batch.model_inputs()).logits[0, -1]
-        batch.media["pixel_values"] = torch.zeros_like(batch.media["pixel_values"])
-        blank = model(**batch.model_inputs()).logits[0, -1]
-    assert not torch.allclose(logits, blank)
+    for files in (["square.png"], ["clip.mp4"]):  # an image's tiles, a video's frames
+        batch = adapter.encode_prompts([_row("one", pictures, files, "What colour?")])
+        with torch.no_grad():
+            logits = model(**batch.model_inputs()).logits[0, -1]
+            batch.media["pixel_values"] = torch.zeros_like(batch.media["pixel_values"])
+            blank = model(**batch.model_inputs()).logits[0, -1]
+        assert not torch.allclose(logits, blank), files
 
 
 def _spans(ids: list[int], start: int, end: int, context: int) -> list[int]:
