@@ -109,6 +109,22 @@ def test_geo3k_gpu_recipes_keep_the_public_settings(recipe):
         assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.mode == "colocate"
 
 
+def test_validate_knows_the_family_of_a_hub_model_not_downloaded_yet(tmp_path, monkeypatch):
+    """The built-in card (models.cards) gives a Hub model's type before any download, so validate
+    refuses an engine that does not serve it (a look-alike local path gets no card)."""
+    from lightrft_mm.rollout import vllm
+    from lightrft_mm.strategy import model_type_of
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert model_type_of("Qwen/Qwen3-VL-8B-Instruct") == "qwen3_vl"
+    assert model_type_of("llava-hf/llava-1.5-7b-hf") == "llava"
+    assert model_type_of("somewhere/Qwen3-VL-8B-Instruct") == ""
+    monkeypatch.setattr(vllm, "FAMILIES", tuple(f for f in vllm.FAMILIES if f != "qwen3_vl"))
+    with pytest.raises(ConfigError, match="model type 'qwen3_vl' is not served by this engine"):
+        load_config(ROOT / "recipes/geo3k/qwen3_vl_8b.yaml", ["rollout.engine=vllm"])
+
+
 # --- data folders in validate ------------------------------------------------------------------------
 
 def _recipe(tmp_path: Path, launch: str, folders: list[str]) -> Path:

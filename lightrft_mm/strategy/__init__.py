@@ -123,14 +123,19 @@ ZERO3_UNSERVED = ("llava_next",)  # model types whose feature methods read base-
 
 def model_type_of(name_or_path: str, revision: str | None = None) -> str:
     """`tiny:<family>`'s family, or the `model_type` of the config.json of a model folder or of a Hub
-    id's cached copy ("" if unknown, e.g. a Hub model not downloaded yet)."""
+    id's cached copy, else of a Hub id's built-in card (models.cards); "" if unknown."""
     from lightrft_mm.errors import ModelError
-    from lightrft_mm.models.hub import read_config
+    from lightrft_mm.models.hub import is_hub_id, read_config
 
     if name_or_path.startswith("tiny:"):
         return name_or_path[len("tiny:"):]
     try:
         config = read_config(name_or_path, revision or None)
     except ModelError:
-        return ""
+        config = None
+    if config is None and is_hub_id(name_or_path):
+        from lightrft_mm.models.cards import find_card
+
+        card = find_card(name_or_path)
+        config = card[1] if card and card[0] == name_or_path else None  # the id itself, not a look-alike
     return config.get("model_type", "") if isinstance(config, dict) else ""
