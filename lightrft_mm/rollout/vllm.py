@@ -41,13 +41,26 @@ import torch
 
 from lightrft_mm.errors import RolloutError
 from lightrft_mm.rollout.hf import Rollouts, SamplingParams, completion_mask_from
-from lightrft_mm.rollout.vllm_media import audio_window_problem, prompt_media
+from lightrft_mm.rollout.vllm_media import (NO_VIDEO_FAMILIES, audio_window_problem, gemma3_prompt, prompt_media,
+                                            span_prompt)
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # weights per transferred file
 # Model families vLLM serves that this engine has an adapter for (model_type of config.json).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2", "qwen2_audio")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2", "qwen2_audio", "qwen3_vl", "internvl")
+# Why vLLM 0.32 does not serve these families faithfully here (measured; DESIGN §10).
+NOT_SERVED = {
+    "qwen3_5": "vLLM 0.32's CPU Gated DeltaNet kernel takes only bfloat16 (\"CPU GDN attention requires BF16\", "
+               "vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py), so its log-probs cannot match the "
+               "trainer's float32 ones",
+    "gemma3": "vLLM 0.32's CPU attention has no bidirectional attention over an image's soft tokens (Gemma 3's "
+              "token_type_ids; an mm-prefix LM): its image prompts' log-probs differ from the trainer's by up to 0.03",
+    "qwen2_5_omni": "vLLM 0.32 registers Qwen2.5-Omni only as Qwen2_5OmniModel / Qwen2_5OmniForConditionalGeneration, "
+                    "whose processing reads Qwen2_5OmniConfig.thinker_config; the thinker alone "
+                    "(Qwen2_5OmniThinkerForConditionalGeneration) is not one of its architectures",
+}
+NOT_SERVED["qwen2_5_omni_thinker"] = NOT_SERVED["qwen2_5_omni"]
 MEDIA = ("image", "video", "audio")  # the kinds of `PromptEncoding.raw` sent to the engine
 PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<image>", "<|AUDIO|>")
 INSTALL = ("Fix: `make vllm` builds vLLM's environment in .venv-vllm (CPU), or pip install 'lightrft_mm[vllm]' "
@@ -68,8 +81,9 @@ def config_problems(cfg) -> list[str]:
     problems = []
     family = model_type_of(cfg.model.name_or_path, cfg.model.revision)
     if family and family not in FAMILIES:
+        why = f" Why not {family}: {NOT_SERVED[family]}." if family in NOT_SERVED else ""
         problems.append(f"rollout.engine=vllm: model type {family!r} is not served by this engine. It serves: "
-                        f"{', '.join(FAMILIES)}. Fix: rollout.engine=hf.")
+                        f"{', '.join(FAMILIES)}.{why} Fix: rollout.engine=hf.")
     if family == "qwen2_audio" and (frames := _audio_frames(cfg.model.name_or_path, cfg.model.revision)) is not None:
         if problem := audio_window_problem(frames, cfg.model.name_or_path):
             problems.append(problem)
@@ -135,11 +149,12 @@ _QWEN2_AUDIO_NAMES = (("model.audio_tower.", "audio_tower."), ("model.multi_moda
 
 
 def engine_name(name: str, model_type: str) -> str:
-    """A state-dict name of the training model as vLLM's loader expects it. LLaVA's CLIP tower is
-    `vision_tower.<layers>` in transformers 5 and `vision_tower.vision_model.<layers>` in vLLM;
+    """A state-dict name of the training model as vLLM's loader expects it. LLaVA's CLIP tower
+    and Gemma 3's SigLIP tower are `vision_tower.<layers>` in transformers 5 and
+    `vision_tower.vision_model.<layers>` in vLLM;
     Qwen2-Audio's parts are `model.audio_tower.` ... in transformers 5 and `audio_tower.`,
     `language_model.model.` ... in vLLM (the released checkpoints' names)."""
-    if model_type in ("llava", "llava_next") and name.startswith("model.vision_tower.") \
+    if model_type in ("llava", "llava_next", "gemma3") and name.startswith("model.vision_tower.") \
             and not name.startswith("model.vision_tower.vision_model."):
         return "model.vision_tower.vision_model." + name[len("model.vision_tower."):]
     if model_type == "qwen2_audio":
@@ -211,6 +226,18 @@ class VLLMRolloutEngine:
         self._calls = 0
         self.sync_seconds = 0.0
 
+    def _engine_prompt(self, ids: list[int]) -> list[int]:
+        """The trainer's prompt with its media placeholders as vLLM expands them again."""
+        if self.model_type == "gemma3":
+            tok = self.adapter.tokenizer
+            return gemma3_prompt(ids, tok, boi=tok.convert_tokens_to_ids(tok.boi_token),
+                                 eoi=tok.convert_tokens_to_ids(tok.eoi_token))
+        if self.model_type == "internvl":
+            tok = self.adapter.tokenizer
+            return span_prompt(ids, start=tok.start_image_token_id, pad=tok.context_image_token_id,
+                               end=tok.end_image_token_id)
+        return compact_prompt(ids, self.placeholder_ids)
+
     # -- transport -----------------------------------------------------------------------------
     def _request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
                  timeout: float | None = None) -> dict:
@@ -249,10 +276,13 @@ class VLLMRolloutEngine:
             if other := set(enc.raw) - set(MEDIA):
                 raise RolloutError(f"rollout.engine=vllm: prompts with {', '.join(sorted(other))} media are not sent "
                                    f"to vLLM (it gets {', '.join(MEDIA)}). Fix: rollout.engine=hf.")
+            if enc.raw.get("video") and self.model_type in NO_VIDEO_FAMILIES:
+                raise RolloutError(f"rollout.engine=vllm: vLLM 0.32 does not take {self.model_type}'s videos as the "
+                                   "trainer builds them (a text timestamp before each frame). Fix: "
+                                   "rollout.engine=hf for video data with this model.")
             ids = enc.input_ids.tolist()
             full_prompts.append(ids)
-            requests.append({"prompt_token_ids": compact_prompt(ids, self.placeholder_ids),
-                             **prompt_media(enc, self.adapter)})
+            requests.append({"prompt_token_ids": self._engine_prompt(ids), **prompt_media(enc, self.adapter)})
         self._calls += 1
         rank = self.comm.rank if self.comm is not None else 0
         seed = (self.seed * 1_000_003 + self._calls * 10_007 + rank * 7_919_993) % 2**31  # GPU engines

@@ -29,6 +29,13 @@ import numpy as np
 # Qwen2AudioFeatureInputs schema is TensorShape("na", "nmb", 3000)
 # (vllm/model_executor/models/qwen2_audio.py).
 VLLM_AUDIO_FRAMES = 3000
+# Families whose videos the engine takes (the trainer's sampled frames through `QwenVideoProcessor`).
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# Families whose vLLM processor would take videos, but not as the trainer builds them (Qwen3-VL and
+# Qwen3.5 write a text timestamp before each frame; InternVL's adapter takes no video; their video
+# processors need torchvision): the engine allows them no video (`vllm_server`), and the client
+# refuses video prompts for them.
+NO_VIDEO_FAMILIES = ("qwen3_vl", "qwen3_5", "internvl")
 
 
 def audio_window_problem(nb_max_frames: int, where: str) -> str | None:
@@ -61,6 +68,58 @@ def prompt_media(enc, adapter) -> dict:
         out["audios"] = [{"data": base64.b64encode(np.asarray(a, dtype="<f4").tobytes()).decode(),
                           "sampling_rate": rate} for a in enc.raw["audio"]]
     return out
+
+
+def span_prompt(ids: list[int], *, start: int, pad: int, end: int) -> list[int]:
+    """Each `start` + run of `pad` + `end` (InternVL's `<img><IMG_CONTEXT>...</img>`) collapsed to
+    one `pad`, which vLLM expands to the whole span again; other tokens unchanged."""
+    out, i = [], 0
+    while i < len(ids):
+        j = i + 1
+        if ids[i] == start and j < len(ids) and ids[j] == pad:
+            while j < len(ids) and ids[j] == pad:
+                j += 1
+            if j < len(ids) and ids[j] == end:
+                out.append(pad)
+                i = j + 1
+                continue
+        out.append(ids[i])
+        i += 1
+    return out
+
+
+def gemma3_prompt(ids: list[int], tokenizer, *, boi: int, eoi: int) -> list[int]:
+    """Gemma 3's prompt as vLLM takes it: each image's `\\n\\n<start_of_image>` + soft tokens +
+    `<end_of_image>\\n\\n` (as the processor expanded it, within the text) back to one
+    `<start_of_image>`, which vLLM expands again. The newlines may share tokens with their
+    neighbours' (Gemma's `\\n\\n\\n` after `user\\n`): those keep the newlines that are not the
+    image's, as vLLM's own re-merge of newline tokens expects. Returned unchanged where no such
+    newlines surround an image (the engine's expanded-prompt check then names the mismatch)."""
+    def newlines(t: int) -> int:
+        text = tokenizer.decode([t])
+        return len(text) if text and set(text) == {"\n"} else 0
+
+    def strip(tokens: list[int]) -> list[int] | None:  # two newlines off the front of `tokens`
+        count = taken = 0
+        while count < 2 and taken < len(tokens) and (k := newlines(tokens[taken])):
+            count, taken = count + k, taken + 1
+        if count < 2:
+            return None
+        rest = tokenizer.encode("\n" * (count - 2), add_special_tokens=False) if count > 2 else []
+        return rest + tokens[taken:]
+
+    out, rest = [], list(ids)
+    while boi in rest:
+        k = rest.index(boi)
+        out += rest[:k]
+        if eoi not in rest[k:]:
+            return list(ids)
+        end = rest.index(eoi, k)
+        before, after = strip(out[::-1]), strip(rest[end + 1:])
+        if before is None or after is None:
+            return list(ids)
+        out, rest = before[::-1] + [boi], after
+    return out + rest
 
 
 def _video(frames, i: int, enc, adapter) -> dict:
@@ -187,4 +246,5 @@ class QwenVideoProcessor(dict):
         return t * (h // self.patch_size) * (w // self.patch_size)
 
 
-__all__ = ["QwenVideoProcessor", "audio_window_problem", "engine_media", "prompt_media"]
+__all__ = ["NO_VIDEO_FAMILIES", "QwenVideoProcessor", "VIDEO_FAMILIES", "audio_window_problem", "engine_media",
+           "gemma3_prompt", "prompt_media", "span_prompt"]

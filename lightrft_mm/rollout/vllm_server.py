@@ -37,15 +37,17 @@ log = logging.getLogger("lightrft_mm.vllm_serve")
 WORKER_EXTENSION = "lightrft_mm.rollout.vllm_worker.WeightSync"
 
 
-def use_cpu_shims() -> None:
+def use_cpu_shims() -> bool:
     """The processor shims of `vllm_shims` in this process (the one that processes the prompts'
     media); where torchvision is absent every other process of the engine (vLLM starts several)
-    loads them too, through the `vllm_cpu/sitecustomize.py` start-up hook."""
+    loads them too, through the `vllm_cpu/sitecustomize.py` start-up hook. Returns True there."""
     from lightrft_mm.rollout import vllm_shims
 
-    if vllm_shims.install():
-        folder = str(Path(__file__).with_name("vllm_cpu"))
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    if not vllm_shims.install():
+        return False
+    folder = str(Path(__file__).with_name("vllm_cpu"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    return True
 
 
 class Engine:
@@ -53,7 +55,7 @@ class Engine:
 
     def __init__(self, model: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
                  tensor_parallel_size: int, seed: int, sleep: bool):
-        use_cpu_shims()
+        self.no_torchvision = use_cpu_shims()
         import torch
         from vllm import LLM
 
@@ -80,6 +82,19 @@ class Engine:
                       mm_device_do_normalize=False)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        from lightrft_mm.rollout.vllm_media import NO_VIDEO_FAMILIES
+
+        model_type = _model_type(model)
+        if model_type in NO_VIDEO_FAMILIES:  # no dummy video at start-up either
+            kwargs["limit_mm_per_prompt"] = {"video": 0}
+        if model_type == "gemma3":
+            from lightrft_mm.rollout.vllm_worker import follow_gemma3_newlines
+
+            follow_gemma3_newlines()
+        if model_type == "internvl" and self.no_torchvision:
+            from lightrft_mm.rollout.vllm_worker import follow_internvl_without_video
+
+            follow_internvl_without_video()
         self.model = model
         self.llm = LLM(**kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -162,6 +177,14 @@ class Engine:
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _model_type(model: str) -> str:
+    """The model_type of a model folder's config.json ("" for a Hub id or an unreadable one)."""
+    try:
+        return json.loads((Path(model) / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return ""
 
 
 def _exit_with_parent(pid: int, engine: Engine) -> None:

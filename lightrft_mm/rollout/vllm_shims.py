@@ -2,9 +2,11 @@
 imported until vLLM imports it.
 
 Where torchvision cannot be installed (CPU machines with torch 2.13: DESIGN §10):
-- `transformers.models.qwen2_vl.image_processing_qwen2_vl` and `...pixtral.image_processing_pixtral`
-  import torchvision at module top; vLLM only takes helper functions from them, which their PIL
-  twins (`image_processing_pil_*`) define too: those are served under the old names.
+- `transformers.models.qwen2_vl.image_processing_qwen2_vl`, `...pixtral.image_processing_pixtral`
+  and `...gemma3.image_processing_gemma3` import torchvision at module top; vLLM only takes helper
+  functions (and Gemma 3 a class for its annotations) from them, which their PIL twins
+  (`image_processing_pil_*`) define too: those are served under the old names. InternVL's video
+  processor module (torchvision at its top) is served as a stub whose class builds no processor.
 - transformers' processors that list a video processor fail to build without one (it needs
   torchvision): they are built without it.
 
@@ -21,9 +23,19 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 
 ALIASES = {f"transformers.models.{family}.image_processing_{family}":
-           f"transformers.models.{family}.image_processing_pil_{family}" for family in ("qwen2_vl", "pixtral")}
+           f"transformers.models.{family}.image_processing_pil_{family}"
+           for family in ("qwen2_vl", "pixtral", "gemma3", "got_ocr2")}
+# Aliases whose `<Name>Pil` classes are also served as `<Name>` (vLLM's Gemma 3 and InternVL
+# import `Gemma3ImageProcessor` / `GotOcr2ImageProcessor` for type annotations only); the others
+# are the PIL module itself.
+RENAMED = ("transformers.models.gemma3.image_processing_gemma3", "transformers.models.got_ocr2.image_processing_got_ocr2")
+# Video processor modules that import torchvision at module top and whose class vLLM imports by
+# name (InternVL's `InternS1ProcessingInfo` builds one for every processor): served as a module
+# whose class builds a `NoVideoProcessor`.
+VIDEO_STUBS = {"transformers.models.internvl.video_processing_internvl": "InternVLVideoProcessor"}
 PATCHED = "transformers.processing_utils"
 QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")  # as vllm_media's
 
@@ -33,7 +45,15 @@ class _Alias(importlib.abc.Loader):
         self.target = target
 
     def create_module(self, spec):
-        return importlib.import_module(self.target)
+        target = importlib.import_module(self.target)
+        if spec.name not in RENAMED:
+            return target
+        module = types.ModuleType(spec.name, target.__doc__)
+        module.__dict__.update({k: v for k, v in vars(target).items() if not k.startswith("__")})
+        for name, value in vars(target).items():
+            if isinstance(value, type) and name.endswith("Pil"):
+                module.__dict__.setdefault(name[:-len("Pil")], value)
+        return module
 
     def exec_module(self, module):
         pass
@@ -62,7 +82,7 @@ def patch_processors(module, *, drop_video: bool) -> None:
 
             self.video_processor = QwenVideoProcessor(self.image_processor)
         elif getattr(self, "video_processor", None) is None:
-            self.video_processor = NoVideoProcessor()
+            self.video_processor = NoVideoProcessor(getattr(self, "image_processor", None))
 
     mixin.__init__ = __init__
     mixin._lightrft_patched = True
@@ -88,11 +108,40 @@ class NoVideoProcessor(dict):
     processing a video with it raises."""
 
     valid_kwargs = type("NoVideoKwargs", (), {"__annotations__": {}})  # no keyword accepted
+    # vLLM's Qwen3-VL / Qwen3.5 size their encoder budget for a video from these even when no
+    # video is allowed (`get_max_video_tokens`): the image processor's.
+    GEOMETRY = ("size", "patch_size", "merge_size", "temporal_patch_size")
+
+    def __init__(self, image_processor=None):
+        super().__init__()
+        for name in self.GEOMETRY:
+            if hasattr(image_processor, name):
+                setattr(self, name, getattr(image_processor, name))
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("this CPU vLLM engine has no video processor for this model family (torchvision is "
                            "absent; only Qwen2-VL / Qwen2.5-VL get one of lightrft_mm's). "
                            "Fix: rollout.engine=hf for its video data.")
+
+
+class _VideoStub(importlib.abc.Loader):
+    def __init__(self, class_name: str):
+        self.class_name = class_name
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name, "lightrft_mm: no torchvision, so no video processor (vllm_shims).")
+
+        class Stub:
+            @classmethod
+            def from_pretrained(cls, *args, **kwargs):
+                return NoVideoProcessor()
+
+        Stub.__name__ = Stub.__qualname__ = self.class_name
+        setattr(module, self.class_name, Stub)
+        return module
+
+    def exec_module(self, module):
+        pass
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -102,6 +151,8 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name in ALIASES and self.no_torchvision:
             return importlib.util.spec_from_loader(name, _Alias(ALIASES[name]))
+        if name in VIDEO_STUBS and self.no_torchvision:
+            return importlib.util.spec_from_loader(name, _VideoStub(VIDEO_STUBS[name]))
         if name == PATCHED:
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):

@@ -1,0 +1,147 @@
+"""rollout.engine=vllm for the families added after the first six (`tiny:<family>` built by
+`lightrft_mm.models.tiny_<family>`).
+
+With the real engine (`make vllm`; skipped where no vLLM environment exists, unless
+LIGHTRFT_MM_REQUIRE_VLLM=1, where they fail): one engine per served family, started from the
+trainer's weights as `mode=colocate` starts it, on text, image and several-image prompts; greedy
+completions and log-probs equal the HF engine's (<= 1e-5) before and after a weight sync, a sync
+of perturbed weights changes them and syncing the originals back restores them exactly.
+
+Without it: the prompts the client sends are the ones vLLM expands back to the trainer's
+(InternVL's `<img>...</img>` span, Gemma 3's newline-wrapped image), videos vLLM would take
+another way are refused by the client, and `validate` refuses the families vLLM 0.32 does not
+serve faithfully, saying why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightrft_mm.config import load_config
+from lightrft_mm.errors import ConfigError, RolloutError
+from lightrft_mm.models import load_policy
+from lightrft_mm.processors import make_adapter
+from lightrft_mm.rollout.vllm import FAMILIES, NOT_SERVED, VLLMRolloutEngine, start_engine
+from lightrft_mm.rollout.vllm_media import gemma3_prompt, span_prompt
+from lightrft_mm.schema import Sample
+from lightrft_mm.strategy import STRATEGIES
+from tests.test_vllm import GREEDY, _assert_same_as_hf, _user, media_files, vllm_env  # noqa: F401 (fixtures)
+
+# The new families vLLM 0.32 serves (each also in vllm.FAMILIES); the others are refused.
+SERVED = ("qwen3_vl", "internvl")
+REFUSED = ("qwen3_5", "gemma3", "qwen2_5_omni")
+
+
+def _samples(image_paths) -> list[Sample]:
+    rows = [
+        {"id": "one", "messages": _user({"type": "image", "image": image_paths[0]},
+                                        {"type": "text", "text": "What colour?"})},
+        {"id": "two", "messages": _user({"type": "image", "image": image_paths[1]}, {"type": "text", "text": "and"},
+                                        {"type": "image", "image": image_paths[2]}, system="Answer with one word.")},
+        {"id": "text", "messages": _user({"type": "text", "text": "How many shapes?"})},
+    ]
+    return [Sample.from_dict(r) for r in rows]
+
+
+def _policy(family: str, *overrides: str):
+    cfg = load_config(None, [f"model.name_or_path=tiny:{family}", *overrides])
+    model, processor = load_policy(cfg.model, seed=0)
+    return cfg, model, processor, make_adapter(model, processor)
+
+
+# -- with the real engine -----------------------------------------------------------------------
+@pytest.fixture(scope="module", params=SERVED)
+def served(request, vllm_env, image_paths, tmp_path_factory):  # noqa: F811 (vllm_env is a fixture)
+    """(model, adapter, strategy, engine, prompts) of one tiny family, the engine serving the
+    prepared policy's weights."""
+    family = request.param
+    cfg, model, processor, adapter = _policy(family, "rollout.engine=vllm", f"rollout.vllm.python={vllm_env}",
+                                             "rollout.vllm.max_model_len=1024", "rollout.vllm.timeout_s=600")
+    strategy = STRATEGIES.get("single")(cfg.strategy, max_grad_norm=1.0)
+    model, _ = strategy.prepare(model, lambda params: torch.optim.SGD(params, lr=0.0))
+    engine = start_engine(cfg, model, processor, adapter, strategy, folder=tmp_path_factory.mktemp(family) / "engine",
+                          seed=0, dtype="float32", model_type=model.config.model_type, lora_scaling=None)
+    prompts = adapter.encode_prompts(_samples(image_paths))
+    assert {k for e in prompts.encodings for k in e.raw} == {"image"}
+    yield model, adapter, strategy, engine, prompts
+    engine.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_greedy_matches_hf_and_a_weight_sync_takes_effect_exactly(served):
+    model, adapter, strategy, engine, prompts = served
+    first = engine.generate(prompts, 1, GREEDY)
+    _assert_same_as_hf(first, model, adapter, prompts)
+
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    engine.sync(strategy)
+    perturbed = engine.generate(prompts, 1, GREEDY)
+    assert not torch.equal(perturbed.sample_logps, first.sample_logps)
+    _assert_same_as_hf(perturbed, model, adapter, prompts)  # the engine serves the new weights, images included
+
+    model.load_state_dict(original)
+    engine.sync(strategy)
+    again = engine.generate(prompts, 1, GREEDY)
+    assert torch.equal(again.completion_ids, first.completion_ids)
+    assert torch.equal(again.sample_logps, first.sample_logps)
+
+
+# -- without it ---------------------------------------------------------------------------------
+def test_served_and_refused_families():
+    assert set(SERVED) <= set(FAMILIES)
+    for family in REFUSED:
+        assert family not in FAMILIES and family in NOT_SERVED
+        with pytest.raises(ConfigError, match=f"model type '{family}' is not served by this engine.*Why not "
+                                              f"{family}: vLLM 0.32"):
+            load_config(None, [f"model.name_or_path=tiny:{family}", "rollout.engine=vllm"])
+
+
+def test_internvl_prompt_is_sent_with_one_context_token_per_image(image_paths):
+    _, _, _, adapter = _policy("internvl")
+    tok = adapter.tokenizer
+    start, pad, end = tok.start_image_token_id, tok.context_image_token_id, tok.end_image_token_id
+    for enc in adapter.encode_prompts(_samples(image_paths)).encodings:
+        ids = enc.input_ids.tolist()
+        sent = span_prompt(ids, start=start, pad=pad, end=end)
+        images = len(enc.raw.get("image", []))
+        assert sent.count(pad) == images and start not in sent and end not in sent
+        # vLLM replaces each context token by `<img>` + that image's tokens + `</img>`: the trainer's prompt.
+        spans = iter(ids[i:j + 1] for i, j in zip([k for k, t in enumerate(ids) if t == start],
+                                                  [k for k, t in enumerate(ids) if t == end]))
+        assert [t for s in sent for t in (next(spans) if s == pad else [s])] == ids
+    assert span_prompt([start, pad, 7, end], start=start, pad=pad, end=end) == [start, pad, 7, end]  # not a span
+
+
+def test_gemma3_prompt_is_sent_with_one_image_start_per_image(image_paths):
+    _, _, processor, adapter = _policy("gemma3")
+    tok = adapter.tokenizer
+    boi, eoi = tok.convert_tokens_to_ids(tok.boi_token), tok.convert_tokens_to_ids(tok.eoi_token)
+    soft = tok.convert_tokens_to_ids(tok.image_token)
+    # vLLM replaces each `<start_of_image>` by the tokens of the processor's full image sequence.
+    full = tok.encode(processor.full_image_sequence, add_special_tokens=False)
+    for enc in adapter.encode_prompts(_samples(image_paths)).encodings:
+        ids = enc.input_ids.tolist()
+        sent = gemma3_prompt(ids, tok, boi=boi, eoi=eoi)
+        images = len(enc.raw.get("image", []))
+        assert sent.count(boi) == images and soft not in sent and eoi not in sent
+        expanded = [t for s in sent for t in (full if s == boi else [s])]
+        assert expanded == ids
+    no_newlines = [5, boi, soft, eoi, 6]
+    assert gemma3_prompt(no_newlines, tok, boi=boi, eoi=eoi) == no_newlines  # left for the engine's check
+
+
+def test_a_qwen3_vl_video_prompt_is_refused_by_the_client(media_files):  # noqa: F811 (media_files is a fixture)
+    cfg, _, _, adapter = _policy("qwen3_vl")
+    sample = Sample.from_dict({"id": "clip", "messages": _user({"type": "video", "video": media_files["v8"]},
+                                                               {"type": "text", "text": "Where?"})})
+    prompts = adapter.encode_prompts([sample])
+    engine = VLLMRolloutEngine("http://127.0.0.1:9", adapter, cfg.rollout.vllm, model_type="qwen3_vl",
+                               dtype=torch.float32)
+    with pytest.raises(RolloutError, match="does not take qwen3_vl's videos"):
+        engine.generate(prompts, 1, GREEDY)
