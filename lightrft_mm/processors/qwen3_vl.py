@@ -137,8 +137,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
             gt, gh, gw = (int(x) for x in inputs["video_grid_thw"][0])
             times = temporal_patch_times(clip.timestamps, ip.temporal_patch_size)
             if len(times) != gt:
-                raise MediaError(f"{where}: video {part.video} has {len(times)} temporal patches of timestamps "
-                                 f"for a grid of {gt}. Fix: re-encode the video (its frame count is odd).")
+                raise MediaError(f"{where}: video {part.video} gave {len(clip.timestamps)} frame times for "
+                                 f"{gt} temporal patches of frames. Fix: re-encode the video (e.g. `ffmpeg -i IN "
+                                 "-c:v libx264 -pix_fmt yuv420p OUT.mp4`); its decoder returned frames and times "
+                                 "that do not match.")
             per_frame = gh * gw // merge
             text = video_placeholder(times, per_frame, video_token=VIDEO_PAD, start=self.vision_start,
                                      end=self.vision_end)
