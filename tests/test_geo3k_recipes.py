@@ -103,10 +103,7 @@ def test_geo3k_gpu_recipes_keep_the_public_settings(recipe):
         assert (a.clip_eps, a.clip_eps_high, a.dynamic_sampling) == (0.2, 0.28, True)
     if expected == "gspo":
         assert (a.loss, a.aggregation, a.clip_eps, a.clip_eps_high) == ("gspo", "seq-mean-token-mean", 3e-4, 4e-4)
-    if "qwen3_vl" in recipe:
-        assert cfg.rollout.engine == "hf"  # the vLLM engine does not serve qwen3_vl
-    else:
-        assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.mode == "colocate"
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.mode == "colocate"
 
 
 def test_validate_knows_the_family_of_a_hub_model_not_downloaded_yet(tmp_path, monkeypatch):
