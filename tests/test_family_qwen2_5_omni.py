@@ -249,23 +249,27 @@ def test_checkpoint_reloads_with_transformers(tiny, media, tmp_path):
         torch.testing.assert_close(reloaded(**batch2.model_inputs()).logits, model(**batch.model_inputs()).logits)
 
 
-def test_one_step_trains_every_part_the_batch_uses(media, tmp_path):
+@pytest.mark.parametrize("use_audio", [True, False], ids=["video-with-audio", "video"])
+def test_one_step_trains_every_part_the_batch_uses(media, tmp_path, use_audio):
+    """Image, video (va.mp4, with sound) and text rows: the audio tower trains exactly when
+    video.use_audio gives the model the videos' sound (the flag reaches the trainer's adapter)."""
+    samples = omni_samples(media, True)
     rows = []
-    for i, s in enumerate(omni_samples(media, True)):
-        d = {"id": f"{s.id}-{i}", "answer": "red", "messages": [
+    for i, s in enumerate([samples[0], samples[1], samples[3], samples[1]]):
+        rows.append(json.dumps({"id": f"{s.id}-{i}", "answer": "red", "messages": [
             {"role": m.role, "content": [{k: v for k, v in vars(p).items() if v is not None} for p in m.content]}
-            for m in s.messages]}
-        rows.append(json.dumps(d))
+            for m in s.messages]}))
     data = tmp_path / "omni.jsonl"
     data.write_text("\n".join(rows) + "\n")
-    reward = tmp_path / "length.py"  # varies within every group: every step has a gradient
-    reward.write_text("def length(inputs):\n    return [float(len(x.completion_ids)) for x in inputs]\n")
+    reward = tmp_path / "tokens.py"  # differs between any two different completions: every group has a gradient
+    reward.write_text("def tokens(inputs):\n    return [float(sum(x.completion_ids) % 97) for x in inputs]\n")
     out = tmp_path / "run"
     cfg = load_config("recipes/demo/colors.yaml", [
         f"model.name_or_path=tiny:{FAMILY}", f"data.train=[{data}]", "data.eval=[]", "data.allow_outside_media=true",
-        "video.use_audio=true", "warmup.steps=0", "trainer.max_steps=1", "data.batch_size=6", "rollout.n=4",
-        "rollout.max_new_tokens=6", "trainer.lr=1e-2", f"trainer.output_dir={out}", "logging.progress=false",
-        "logging.plot=false", f"rewards=[{{name: '{reward}:length'}}]", "data.on_media_error=fail"])
+        f"video.use_audio={str(use_audio).lower()}", "warmup.steps=0", "trainer.max_steps=1", "data.batch_size=4",
+        "rollout.n=4", "rollout.max_new_tokens=6", "trainer.lr=1e-2", f"trainer.output_dir={out}",
+        "logging.progress=false", "logging.plot=false", f"rewards=[{{name: '{reward}:tokens'}}]",
+        "data.on_media_error=fail"])
     from lightrft_mm.trainer.loop import train
 
     before, _ = build_tiny(FAMILY, seed=0)
@@ -273,7 +277,9 @@ def test_one_step_trains_every_part_the_batch_uses(media, tmp_path):
     after = dict(load_pretrained(out / "checkpoint-final")[0].named_parameters())
     still = sorted(n for n, p in before.named_parameters() if torch.equal(p.detach(), after[n].detach()))
     # The audio encoder's bos/eos embedding is a parameter its forward never uses (transformers 5.24).
-    assert still == ["model.audio_tower.audio_bos_eos_token.weight"]
+    unused = ["model.audio_tower.audio_bos_eos_token.weight"]
+    audio = sorted(n for n, _ in before.named_parameters() if n.startswith("model.audio_tower."))
+    assert still == (unused if use_audio else audio)
 
 
 @pytest.mark.slow
