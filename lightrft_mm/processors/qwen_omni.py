@@ -128,7 +128,7 @@ class QwenOmniAdapter(HFChatAdapter):
         self.feature_extractor = processor.feature_extractor
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         self.window_seconds = self.feature_extractor.n_samples / self.sampling_rate
-        self.use_audio = bool(getattr(self.video_cfg, "use_audio", False))
+        self.use_audio = bool(self.video_cfg.use_audio)
         self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in (IMAGE, VIDEO, AUDIO)}
         # The thinker config's defaults (the processor keeps the same two numbers).
         self.position_id_per_seconds = getattr(processor, "position_id_per_seconds", 25)
