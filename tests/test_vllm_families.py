@@ -3,9 +3,10 @@
 
 With the real engine (`make vllm`; skipped where no vLLM environment exists, unless
 LIGHTRFT_MM_REQUIRE_VLLM=1, where they fail): one engine per served family, started from the
-trainer's weights as `mode=colocate` starts it, on text, image and several-image prompts; greedy
-completions and log-probs equal the HF engine's (<= 1e-5) before and after a weight sync, a sync
-of perturbed weights changes them and syncing the originals back restores them exactly.
+trainer's weights as `mode=colocate` starts it, on text, image and several-image prompts (Qwen2.5-Omni:
+audio and several-audio ones too); greedy completions and log-probs equal the HF engine's (<= 1e-5) before and after a weight sync, a sync
+of perturbed weights changes them and syncing the originals back restores them exactly; sampled
+log-probs are those of the processed distribution (suppression, temperature, top-k, top-p).
 
 Without it: the prompts the client sends are the ones vLLM expands back to the trainer's
 (InternVL's `<img>...</img>` span, Gemma 3's newline-wrapped image), videos vLLM would take
@@ -22,19 +23,29 @@ from lightrft_mm.config import load_config
 from lightrft_mm.errors import ConfigError, RolloutError
 from lightrft_mm.models import load_policy
 from lightrft_mm.processors import make_adapter
+from lightrft_mm.rollout.hf import SamplingParams
 from lightrft_mm.rollout.vllm import FAMILIES, NOT_SERVED, VLLMRolloutEngine, start_engine
 from lightrft_mm.rollout.vllm_media import gemma3_prompt, span_prompt
 from lightrft_mm.schema import Sample
 from lightrft_mm.strategy import STRATEGIES
+from tests.test_rollout import _processed_logps
 from tests.test_vllm import GREEDY, _assert_same_as_hf, _user, media_files, vllm_env  # noqa: F401 (fixtures)
 
 # The new families vLLM 0.32 serves (each also in vllm.FAMILIES); the others are refused.
-SERVED = ("qwen3_vl", "internvl")
-REFUSED = ("qwen3_5", "gemma3", "qwen2_5_omni")
+SERVED = ("qwen3_vl", "internvl", "qwen2_5_omni")
+REFUSED = ("qwen3_5", "gemma3")
 
 
-def _samples(image_paths) -> list[Sample]:
-    rows = [
+def _samples(image_paths, files=None) -> list[Sample]:
+    """Image, two-image and text rows; with `files` (Qwen2.5-Omni) also audio rows: 1 s at 16 kHz,
+    and 0.6 s stereo at 22.05 kHz (resampled by the trainer) with the first one after it."""
+    audio = [] if files is None else [
+        {"id": "tone", "messages": _user({"type": "audio", "audio": files["a16"]},
+                                         {"type": "text", "text": "Is it high?"})},
+        {"id": "tones", "messages": _user({"type": "audio", "audio": files["a22"]}, {"type": "text", "text": "or"},
+                                          {"type": "audio", "audio": files["a16"]}, system="One word.")},
+    ]
+    rows = audio + [
         {"id": "one", "messages": _user({"type": "image", "image": image_paths[0]},
                                         {"type": "text", "text": "What colour?"})},
         {"id": "two", "messages": _user({"type": "image", "image": image_paths[1]}, {"type": "text", "text": "and"},
@@ -52,7 +63,7 @@ def _policy(family: str, *overrides: str):
 
 # -- with the real engine -----------------------------------------------------------------------
 @pytest.fixture(scope="module", params=SERVED)
-def served(request, vllm_env, image_paths, tmp_path_factory):  # noqa: F811 (vllm_env is a fixture)
+def served(request, vllm_env, image_paths, media_files, tmp_path_factory):  # noqa: F811 (fixtures)
     """(model, adapter, strategy, engine, prompts) of one tiny family, the engine serving the
     prepared policy's weights."""
     family = request.param
@@ -62,8 +73,9 @@ def served(request, vllm_env, image_paths, tmp_path_factory):  # noqa: F811 (vll
     model, _ = strategy.prepare(model, lambda params: torch.optim.SGD(params, lr=0.0))
     engine = start_engine(cfg, model, processor, adapter, strategy, folder=tmp_path_factory.mktemp(family) / "engine",
                           seed=0, dtype="float32", model_type=model.config.model_type, lora_scaling=None)
-    prompts = adapter.encode_prompts(_samples(image_paths))
-    assert {k for e in prompts.encodings for k in e.raw} == {"image"}
+    audio = family == "qwen2_5_omni"
+    prompts = adapter.encode_prompts(_samples(image_paths, media_files if audio else None))
+    assert {k for e in prompts.encodings for k in e.raw} == ({"image", "audio"} if audio else {"image"})
     yield model, adapter, strategy, engine, prompts
     engine.close()
 
@@ -90,6 +102,19 @@ def test_greedy_matches_hf_and_a_weight_sync_takes_effect_exactly(served):
     again = engine.generate(prompts, 1, GREEDY)
     assert torch.equal(again.completion_ids, first.completion_ids)
     assert torch.equal(again.sample_logps, first.sample_logps)
+
+
+@pytest.mark.vllm
+def test_sampled_logps_are_the_processed_distributions(served):
+    model, adapter, strategy, engine, prompts = served
+    sampling = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5, top_p=0.9)
+    r = engine.generate(prompts, 4, sampling)
+    real = r.completion_mask.bool()
+    assert not torch.isin(r.completion_ids[real], torch.tensor(adapter.special_ids_to_suppress())).any()
+    want = _processed_logps(model, adapter, r, sampling)
+    assert (r.sample_logps - want)[real].abs().max().item() <= 1e-4
+    groups = r.completion_ids.view(len(prompts.encodings), 4, -1)
+    assert any(len({tuple(row.tolist()) for row in group}) > 1 for group in groups)  # n draws, not one copy
 
 
 # -- without it ---------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # weights per transferred file
 # Model families vLLM serves that this engine has an adapter for (model_type of config.json).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2", "qwen2_audio", "qwen3_vl", "internvl")
+# Qwen2.5-Omni: its thinker's model_type, and the family name of `tiny:qwen2_5_omni` / the whole model's.
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2", "qwen2_audio", "qwen3_vl", "internvl",
+            "qwen2_5_omni_thinker", "qwen2_5_omni")
 # Why vLLM 0.32 does not serve these families faithfully here (measured; DESIGN §10).
 NOT_SERVED = {
     "qwen3_5": "vLLM 0.32's CPU Gated DeltaNet kernel takes only bfloat16 (\"CPU GDN attention requires BF16\", "
@@ -56,13 +58,9 @@ NOT_SERVED = {
                "trainer's float32 ones",
     "gemma3": "vLLM 0.32's CPU attention has no bidirectional attention over an image's soft tokens (Gemma 3's "
               "token_type_ids; an mm-prefix LM): its image prompts' log-probs differ from the trainer's by up to 0.03",
-    "qwen2_5_omni": "vLLM 0.32 registers Qwen2.5-Omni only as Qwen2_5OmniModel / Qwen2_5OmniForConditionalGeneration, "
-                    "whose processing reads Qwen2_5OmniConfig.thinker_config; the thinker alone "
-                    "(Qwen2_5OmniThinkerForConditionalGeneration) is not one of its architectures",
 }
-NOT_SERVED["qwen2_5_omni_thinker"] = NOT_SERVED["qwen2_5_omni"]
 MEDIA = ("image", "video", "audio")  # the kinds of `PromptEncoding.raw` sent to the engine
-PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<image>", "<|AUDIO|>")
+PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<image>", "<|AUDIO|>", "<|IMAGE|>", "<|VIDEO|>")
 INSTALL = ("Fix: `make vllm` builds vLLM's environment in .venv-vllm (CPU), or pip install 'lightrft_mm[vllm]' "
            "in a Python of its own (GPU); then rollout.vllm.python=<that python>.")
 
@@ -147,6 +145,11 @@ def vllm_python(configured: str) -> str:
 _QWEN2_AUDIO_NAMES = (("model.audio_tower.", "audio_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
                       ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
 
+# Qwen2.5-Omni's thinker: transformers 5's names, and the released checkpoints' (the whole model's
+# `thinker.` part), which vLLM loads.
+_OMNI_NAMES = (("model.audio_tower.", "thinker.audio_tower."), ("model.visual.", "thinker.visual."),
+               ("model.language_model.", "thinker.model."), ("lm_head.", "thinker.lm_head."))
+
 
 def engine_name(name: str, model_type: str) -> str:
     """A state-dict name of the training model as vLLM's loader expects it. LLaVA's CLIP tower
@@ -157,8 +160,8 @@ def engine_name(name: str, model_type: str) -> str:
     if model_type in ("llava", "llava_next", "gemma3") and name.startswith("model.vision_tower.") \
             and not name.startswith("model.vision_tower.vision_model."):
         return "model.vision_tower.vision_model." + name[len("model.vision_tower."):]
-    if model_type == "qwen2_audio":
-        for old, new in _QWEN2_AUDIO_NAMES:
+    if model_type in ("qwen2_audio", "qwen2_5_omni_thinker"):
+        for old, new in _QWEN2_AUDIO_NAMES if model_type == "qwen2_audio" else _OMNI_NAMES:
             if name.startswith(old):
                 return new + name[len(old):]
     return name
@@ -425,11 +428,45 @@ def write_engine_folder(model, processor, strategy, folder: Path, *, model_type,
     # vLLM picks its model class by this name (a tiny model built from a config has none; an
     # FSDP2-wrapped one's class is a subclass of the transformers one).
     config.architectures = [next(c.__name__ for c in type(hf).__mro__ if c.__module__.startswith("transformers."))]
-    config.save_pretrained(folder)
+    engine_config(config, model_type).save_pretrained(folder)
     processor.save_pretrained(folder)
+    if model_type == "qwen2_5_omni_thinker":
+        _name_tokens(folder / "tokenizer_config.json", processor, OMNI_TOKENS)
     for i, data in enumerate(weight_files(strategy.engine_weights(), model_type=model_type, dtype=dtype,
                                           lora_scaling=lora_scaling)):
         (folder / f"model-{i:05d}.safetensors").write_bytes(data)
+
+
+def engine_config(config, model_type: str):
+    """The config vLLM starts from. Qwen2.5-Omni's thinker is served by vLLM only as the whole
+    model (`Qwen2_5OmniModel`, its processing reads `Qwen2_5OmniConfig.thinker_config`): the
+    thinker's config goes inside one, without speech output (no talker weights are sent)."""
+    if model_type != "qwen2_5_omni_thinker":
+        return config
+    from transformers import Qwen2_5OmniConfig
+
+    whole = Qwen2_5OmniConfig(thinker_config=config.to_dict(), enable_audio_output=False)
+    whole.architectures = ["Qwen2_5OmniModel"]
+    whole.dtype = config.dtype
+    return whole
+
+
+# The tokens Qwen2_5OmniProcessor reads from its tokenizer by name (transformers 5.19, in vLLM's
+# environment), as the released checkpoints' tokenizer_config.json names them.
+OMNI_TOKENS = ("image_token", "audio_token", "video_token", "vision_bos_token", "vision_eos_token",
+               "audio_bos_token", "audio_eos_token")
+
+
+def _name_tokens(path: Path, processor, names) -> None:
+    """Write the processor's `names` tokens into tokenizer_config.json where the saved tokenizer
+    does not name them (a tokenizer built without them, as the tiny models')."""
+    data = json.loads(path.read_text())
+    named = data.setdefault("model_specific_special_tokens", {}) or {}
+    for name in names:
+        if name not in data and getattr(processor, name, None):
+            data[name] = named[name] = getattr(processor, name)
+    data["model_specific_special_tokens"] = named
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _launch(python: str, folder: Path, port: int, v, seed: int, dtype: torch.dtype) -> subprocess.Popen:

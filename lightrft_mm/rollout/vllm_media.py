@@ -35,7 +35,7 @@ VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Qwen3.5 write a text timestamp before each frame; InternVL's adapter takes no video; their video
 # processors need torchvision): the engine allows them no video (`vllm_server`), and the client
 # refuses video prompts for them.
-NO_VIDEO_FAMILIES = ("qwen3_vl", "qwen3_5", "internvl")
+NO_VIDEO_FAMILIES = ("qwen3_vl", "qwen3_5", "internvl", "qwen2_5_omni_thinker", "qwen2_5_omni")
 
 
 def audio_window_problem(nb_max_frames: int, where: str) -> str | None:

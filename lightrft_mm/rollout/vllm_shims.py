@@ -31,7 +31,8 @@ ALIASES = {f"transformers.models.{family}.image_processing_{family}":
 # Aliases whose `<Name>Pil` classes are also served as `<Name>` (vLLM's Gemma 3 and InternVL
 # import `Gemma3ImageProcessor` / `GotOcr2ImageProcessor` for type annotations only); the others
 # are the PIL module itself.
-RENAMED = ("transformers.models.gemma3.image_processing_gemma3", "transformers.models.got_ocr2.image_processing_got_ocr2")
+RENAMED = ("transformers.models.gemma3.image_processing_gemma3",
+           "transformers.models.got_ocr2.image_processing_got_ocr2")
 # Video processor modules that import torchvision at module top and whose class vLLM imports by
 # name (InternVL's `InternS1ProcessingInfo` builds one for every processor): served as a module
 # whose class builds a `NoVideoProcessor`.
