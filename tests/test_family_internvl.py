@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lightrft_mm.datasets.synthetic_video import write_mp4
-from lightrft_mm.errors import MediaError, ModelError
+from lightrft_mm.errors import MediaError
 from lightrft_mm.models.logprobs import forward_logprobs
 from lightrft_mm.models.tiny import build_tiny
 from lightrft_mm.processors import make_adapter
@@ -272,9 +272,6 @@ def test_checkpoint_reloads_with_the_same_logits(tiny, pictures, tmp_path):
         assert torch.allclose(model(**batch.model_inputs()).logits, reloaded(**batch2.model_inputs()).logits)
 
 
-@pytest.mark.xfail(strict=True, raises=ModelError,
-                   reason="models.processing.load_processor has no fallback for InternVL's image-only "
-                          "processor yet (its video processor needs torchvision)")
 def test_load_pretrained_reads_an_internvl_folder(tiny, tmp_path):
     from lightrft_mm.models import load_pretrained
 

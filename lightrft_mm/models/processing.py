@@ -8,6 +8,8 @@ image-only variant below behaves exactly like `Qwen2VLProcessor` (same tokens, s
 
 from __future__ import annotations
 
+import importlib
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,11 +41,13 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False):
     """Load the processor saved in `path`.
 
     Uses `AutoProcessor`; where that cannot build the processor only because a video processor
-    needs torchvision (Qwen2-VL family), builds the image-only variant from the same files. A
-    folder with a tokenizer and no image processor gives the tokenizer; an audio model's
-    processor (a feature extractor, no image processor) is returned as AutoProcessor built it.
+    needs torchvision (Qwen2-VL, Qwen2.5-VL, Qwen3-VL / Qwen3.5, InternVL, Qwen2.5-Omni), builds
+    that processor's variant without it from the same files (`IMAGE_ONLY`, by the saved
+    `processor_class`). A folder with a tokenizer and no image processor gives the tokenizer; an
+    audio model's processor (a feature extractor, no image processor) is returned as
+    AutoProcessor built it.
     """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     from lightrft_mm.errors import ModelError
 
@@ -59,12 +63,40 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if not has_images:
         return tokenizer
-    image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-    if type(image_processor).__name__.startswith("Qwen2VLImageProcessor"):
-        return qwen_vl_image_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
-                                               chat_template=tokenizer.chat_template or _saved_chat_template(path))
-    raise ModelError(f"cannot build the processor saved in {path}: {error or 'AutoProcessor gave no image processor'}."
-                     " Fix: check that its processor files match the installed transformers version.")
+    saved = _saved_processor_class(path)
+    if saved in IMAGE_ONLY:
+        module, name = IMAGE_ONLY[saved].split(":")
+        found = getattr(importlib.import_module(module), name)
+        cls = found if isinstance(found, type) else found()
+        return cls.from_pretrained(path, **kwargs)  # its sub-processors and saved settings, without the video one
+    raise ModelError(f"cannot build the processor saved in {path} ({saved or 'no processor_class'}): "
+                     f"{error or 'AutoProcessor gave no image processor'}. Fix: check that its processor files match "
+                     "the installed transformers version.")
+
+
+# Stock processors whose video processor needs torchvision -> the class built here without it, or
+# the function that returns it (same tokens, same image / audio tensors; saved as the stock class).
+IMAGE_ONLY = {
+    "Qwen2VLProcessor": "lightrft_mm.models.processing:qwen_vl_image_processor_class",
+    "Qwen2_5_VLProcessor": "lightrft_mm.models.processing:qwen_vl_image_processor_class",
+    "Qwen3VLProcessor": "lightrft_mm.models.tiny_qwen3_vl:image_only_processor_class",
+    "InternVLProcessor": "lightrft_mm.processors.internvl:internvl_image_processor_class",
+    "Qwen2_5OmniProcessor": "lightrft_mm.processors.qwen_omni:Qwen2_5OmniNoVideoProcessor",
+}
+
+
+def _saved_processor_class(path: str | Path) -> str:
+    """The `processor_class` a folder's processor files name ("" if none)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                found = json.loads(f.read_text()).get("processor_class")
+            except (OSError, ValueError):
+                continue
+            if found:
+                return found
+    return ""
 
 
 def _saved_chat_template(path: str | Path) -> str | None:
