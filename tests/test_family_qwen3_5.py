@@ -1,5 +1,5 @@
 """tiny:qwen3_5: the real hybrid Qwen3.5 class (Gated DeltaNet linear attention + full attention,
-Qwen3-VL vision tower) in rollout and training: images reach the LM, left-padded mixed batches
+Qwen3-VL vision tower) in rollout and training: images and videos reach the LM, left-padded mixed batches
 generate what each prompt gives alone, generation and training log-probs agree, the linear
 layers' conv / recurrent states follow the KV cache to the n completions, one step trains every
 parameter, checkpoints reload, padding-free packing is refused, and the demo learns."""
@@ -35,6 +35,10 @@ def _image(path):
     return {"type": "image", "image": str(path)}
 
 
+def _video(path):
+    return {"type": "video", "video": str(path)}
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, processor = build_tiny("qwen3_5")
@@ -43,17 +47,18 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def setup(media, tiny):  # noqa: F811
-    """test_shared's prompts (one image; two images) and a text-only row, for its three tests."""
+    """test_shared's prompts (one image; two images), a video row and a text-only row, for its three tests."""
     model, adapter = tiny
-    samples = [*_samples("qwen3_5", media), _row("t", [], "Say hi.")]
+    samples = [*_samples("qwen3_5", media), _row("v", [_video(media / "v.mp4")], "Which way?"), _row("t", [], "Hi")]
     return "qwen3_5", model, adapter, adapter.encode_prompts(samples)
 
 
 @pytest.fixture(scope="module")
 def mixed(media):  # noqa: F811
-    """Short image row, text-only rows (short and long: heavy left padding), a two-image row."""
+    """Short image row, text-only rows (short and long: heavy left padding), a two-image row, a video row."""
     return [_row("a", [_image(media / "a.png")], "What colour is it?"), _row("t", [], "Say hi."),
-            _row("l", [], LONG), _row("b", [_image(media / "b.png"), _image(media / "a.png")], "How many?")]
+            _row("l", [], LONG), _row("b", [_image(media / "b.png"), _image(media / "a.png")], "How many?"),
+            _row("v", [_video(media / "v.mp4")], "Which way does it move?")]
 
 
 def test_tiny_is_the_real_hybrid_class_and_sees_the_image(tiny, media):  # noqa: F811
@@ -76,11 +81,26 @@ def test_tiny_is_the_real_hybrid_class_and_sees_the_image(tiny, media):  # noqa:
     assert not torch.allclose(logits, blank)
 
 
-def test_video_and_audio_rows_are_refused_by_name(tiny, media):  # noqa: F811
+def test_video_has_frame_timestamps_and_reaches_the_lm(tiny, media):  # noqa: F811
+    """A 4-frame video at 2 fps: two temporal patches, each `<t seconds>` + its 9 pads (56 -> 96
+    pixels, the tiny image processor's minimum: 3x3 merged tokens), as Qwen3VLProcessor writes it;
+    its pixels change the logits."""
+    model, adapter = tiny
+    batch = adapter.encode_prompts([_row("v", [_video(media / "v.mp4")], "Which way?")])
+    text = adapter.tokenizer.decode(batch.input_ids[0])
+    assert "<0.2 seconds><|vision_start|>" + "<|video_pad|>" * 9 + "<|vision_end|><1.2 seconds>" in text
+    assert batch.media["video_grid_thw"].tolist() == [[2, 6, 6]]
+    assert int((batch.token_aligned["mm_token_type_ids"] == 2).sum()) == 18
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits[0, -1]
+        batch.media["pixel_values_videos"] = torch.zeros_like(batch.media["pixel_values_videos"])
+        blank = model(**batch.model_inputs()).logits[0, -1]
+    assert not torch.allclose(logits, blank)
+
+
+def test_audio_rows_are_refused_by_name(tiny, media):  # noqa: F811
     _, adapter = tiny
-    with pytest.raises(MediaError, match=r"sample v: has video parts.*tiny:qwen2_5_vl"):
-        adapter.encode_prompts([_row("v", [{"type": "video", "video": str(media / "v.mp4")}], "Which way?")])
-    with pytest.raises(MediaError, match=r"sample s: has audio parts.*tiny:qwen2_audio"):
+    with pytest.raises(MediaError, match=r"sample s: has audio parts.*Qwen3.5.*tiny:qwen2_audio"):
         adapter.encode_prompts([_row("s", [{"type": "audio", "audio": str(media / "t.wav")}], "High?")])
 
 

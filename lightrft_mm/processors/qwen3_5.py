@@ -1,55 +1,48 @@
-"""Qwen3.5 adapter: text and images (several per prompt) for the hybrid linear-attention model.
+"""Qwen3.5 adapter: text, images (several per prompt) and videos for the hybrid linear-attention model.
 
-Qwen3.5 writes images as Qwen2-VL does (`<|vision_start|><|image_pad|><|vision_end|>`, the pad
-expanded to grid t*h*w / merge^2 tokens, `mm_token_type_ids` 1 on them), so the prompt is built
-by `QwenVLAdapter`; the image processor carries Qwen3.5's 16-pixel patches. Videos are refused:
-Qwen3.5 (like Qwen3-VL) writes a `<t seconds>` text timestamp before each frame's tokens and
-splits the video grid per frame, which the Qwen2-VL prompt builder does not do.
+Qwen3.5's vision path and prompt format are Qwen3-VL's (`Qwen3VLProcessor` is its processor):
+an image pad expands to grid t*h*w / merge^2 pads, a video pad to a `<t seconds>` text timestamp
+and the frame's vision tokens per temporal patch, with `mm_token_type_ids` 1 / 2 on the pads for
+the interleaved M-RoPE index. So the prompt is built by `Qwen3VLAdapter`; this class only names
+the model in its errors.
 
 Padding-free packing (trainer.padding_free) is refused (`check_padding_free`): the torch
-fallback of the Gated DeltaNet layers runs each row's convolution and recurrent state over the
-whole packed sequence, so rows would leak into each other without the fla / causal-conv1d
-varlen kernels.
+fallback of the Gated DeltaNet layers runs its convolution and recurrent state over the whole
+packed sequence, so rows would leak into each other without the fla / causal-conv1d varlen
+kernels.
 """
 
 from __future__ import annotations
 
 from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.processors.adapter import PromptEncoding
-from lightrft_mm.processors.qwen_vl import QwenVLAdapter
+from lightrft_mm.processors.qwen3_vl import Qwen3VLAdapter
 from lightrft_mm.schema import Sample
 
-VIDEO_FAMILIES = "tiny:qwen2_vl, tiny:qwen2_5_vl"
 
-
-class Qwen3_5Adapter(QwenVLAdapter):
+class Qwen3_5Adapter(Qwen3VLAdapter):
     """Adapter of Qwen3.5 (`Qwen3_5ForConditionalGeneration`, DESIGN.md §4 `ModelAdapter`).
 
     Args:
-        processor: a processor with a Qwen2-VL style `image_processor` (Qwen3.5: patch 16),
-            `tokenizer` and chat template.
-        system_prompt, image, video, audio: as `QwenVLAdapter`.
+        processor: a Qwen3-VL style processor (`image_processor` with Qwen3.5's 16-pixel
+            patches, `tokenizer`, chat template).
+        system_prompt, image, video, audio: as `Qwen3VLAdapter`.
+        model_type: recorded for error messages (default "qwen3_5").
     """
 
     model_type = "qwen3_5"
 
-    def __init__(self, processor, *, system_prompt: str | None = None, image=None, video=None, audio=None):
-        super().__init__(processor, system_prompt=system_prompt, image=image, video=video, audio=audio,
-                         model_type="qwen3_5")
-        self.modalities = frozenset({"image"})
-
     def encode_one(self, sample: Sample) -> PromptEncoding:
-        """One Sample -> token ids, `mm_token_type_ids` and its images' tensors.
+        """One Sample -> token ids, `mm_token_type_ids` and its images' and videos' tensors.
 
         Raises:
-            MediaError: the sample holds video or audio, an image cannot be read, or the
-                placeholders of the prompt do not match its images (names the sample).
+            MediaError: the sample holds audio, a media file cannot be read, or the
+                placeholders of the prompt do not match its media parts (names the sample).
         """
-        for kind, families in (("video", VIDEO_FAMILIES), ("audio", "tiny:qwen2_audio")):
-            if sample.media(kind):
-                raise MediaError(f"sample {sample.id}: has {kind} parts, which the Qwen3.5 adapter does not take "
-                                 f"(it takes text and images). Fix: drop the {kind} rows for this model, or train "
-                                 f"a family that takes {kind} ({families}).")
+        if sample.media("audio"):
+            raise MediaError(f"sample {sample.id}: has audio parts, which Qwen3.5 does not take (it takes "
+                             "text, images and videos). Fix: drop the audio rows for this model, or train a "
+                             "family that takes audio (tiny:qwen2_audio, tiny:qwen2_5_omni).")
         return super().encode_one(sample)
 
 
