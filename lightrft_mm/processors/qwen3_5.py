@@ -54,6 +54,11 @@ PADDING_FREE_MESSAGE = (
 )
 
 
+# Model types whose text layers include Gated DeltaNet linear attention (config.json may leave
+# layer_types out and give full_attention_interval instead).
+LINEAR_ATTENTION_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+
+
 def check_padding_free(model, padding_free: bool) -> None:
     """Refuse padding-free packing for a model with linear-attention layers.
 
@@ -69,9 +74,14 @@ def check_padding_free(model, padding_free: bool) -> None:
 
 
 def has_linear_attention(config) -> bool:
-    """True when the (text) config lists a "linear_attention" layer."""
-    text = getattr(config, "text_config", None) or config
-    return "linear_attention" in (getattr(text, "layer_types", None) or ())
+    """True when a model config (a transformers config, or config.json as a dict) has linear-attention
+    layers: its (text) layer_types list one, or its model_type is one of LINEAR_ATTENTION_MODEL_TYPES."""
+    read = (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))  # noqa: E731
+    text = read(config, "text_config") or config
+    if read(config, "model_type") in LINEAR_ATTENTION_MODEL_TYPES:
+        return True
+    return "linear_attention" in (read(text, "layer_types") or ())
 
 
-__all__ = ["PADDING_FREE_MESSAGE", "Qwen3_5Adapter", "check_padding_free", "has_linear_attention"]
+__all__ = ["LINEAR_ATTENTION_MODEL_TYPES", "PADDING_FREE_MESSAGE", "Qwen3_5Adapter", "check_padding_free",
+           "has_linear_attention"]
