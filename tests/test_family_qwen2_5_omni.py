@@ -17,10 +17,11 @@ from lightrft_mm.datasets.synthetic_video import write_mp4
 from lightrft_mm.errors import MediaError, ModelError
 from lightrft_mm.models import load_pretrained
 from lightrft_mm.models.logprobs import forward_logprobs
+from lightrft_mm.models.processing import load_processor
 from lightrft_mm.models.tiny import build_tiny
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.adapter import collate
-from lightrft_mm.processors.qwen_omni import QwenOmniAdapter, load_omni_processor
+from lightrft_mm.processors.qwen_omni import QwenOmniAdapter
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.schema import Sample
 from tests.test_padding_free import decoder_tokens, ragged
@@ -236,9 +237,8 @@ def test_checkpoint_reloads_with_transformers(tiny, media, tmp_path):
     processor.save_pretrained(tmp_path)
     reloaded, _ = load_pretrained(tmp_path)
     assert type(reloaded) is type(model)
-    # lightrft_mm.models.processing.load_processor has no Qwen2.5-Omni branch yet: its fallback
-    # keeps no feature extractor; load_omni_processor rebuilds the whole processor.
-    reproc = load_omni_processor(tmp_path)
+    reproc = load_processor(tmp_path)  # torchvision-free: Qwen2_5OmniNoVideoProcessor with its saved settings
+    assert type(reproc) is type(processor) and reproc.feature_extractor.feature_size == 32
     samples = omni_samples(media, True)
     batch = adapter_for(tiny, True).encode_prompts(samples)
     batch2 = make_adapter(reloaded, reproc, video=VideoConfig(use_audio=True)).encode_prompts(samples)

@@ -95,21 +95,6 @@ class Qwen2_5OmniNoVideoProcessor(Qwen2_5OmniProcessor):
         return {**super().to_dict(), "processor_class": "Qwen2_5OmniProcessor"}
 
 
-def load_omni_processor(path):
-    """The processor saved beside a Qwen2.5-Omni thinker, built without torchvision (`AutoProcessor`
-    needs the video processor): its image processor, feature extractor, tokenizer and chat template.
-
-    Args:
-        path: the model folder.
-    """
-    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return Qwen2_5OmniNoVideoProcessor(AutoImageProcessor.from_pretrained(path),
-                                       AutoFeatureExtractor.from_pretrained(path), tokenizer,
-                                       chat_template=tokenizer.chat_template)
-
-
 class QwenOmniAdapter(HFChatAdapter):
     """Adapter of `Qwen2_5OmniThinkerForConditionalGeneration` (DESIGN.md §4 `ModelAdapter`).
 
@@ -289,5 +274,4 @@ class QwenOmniAdapter(HFChatAdapter):
         return audio
 
 
-__all__ = ["AudioInVideo", "Qwen2_5OmniNoVideoProcessor", "QwenOmniAdapter", "audio_tokens", "chunk_bounds",
-           "load_omni_processor"]
+__all__ = ["AudioInVideo", "Qwen2_5OmniNoVideoProcessor", "QwenOmniAdapter", "audio_tokens", "chunk_bounds"]
