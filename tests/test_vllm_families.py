@@ -4,7 +4,7 @@
 With the real engine (`make vllm`; skipped where no vLLM environment exists, unless
 LIGHTRFT_MM_REQUIRE_VLLM=1, where they fail): one engine per served family, started from the
 trainer's weights as `mode=colocate` starts it, on text, image and several-image prompts (Qwen2.5-Omni:
-audio and several-audio ones too); greedy completions and log-probs equal the HF engine's (<= 1e-5) before and after a weight sync, a sync
+audio, several-audio and video ones too: the frames and fps the trainer sampled); greedy completions and log-probs equal the HF engine's (<= 1e-5) before and after a weight sync, a sync
 of perturbed weights changes them and syncing the originals back restores them exactly; sampled
 log-probs are those of the processed distribution (suppression, temperature, top-k, top-p).
 
@@ -37,13 +37,19 @@ REFUSED = ("qwen3_5", "gemma3")
 
 
 def _samples(image_paths, files=None) -> list[Sample]:
-    """Image, two-image and text rows; with `files` (Qwen2.5-Omni) also audio rows: 1 s at 16 kHz,
-    and 0.6 s stereo at 22.05 kHz (resampled by the trainer) with the first one after it."""
+    """Image, two-image and text rows; with `files` (Qwen2.5-Omni) also audio rows (1 s at 16 kHz;
+    0.6 s stereo at 22.05 kHz, resampled by the trainer, with the first one after it) and video rows."""
     audio = [] if files is None else [
         {"id": "tone", "messages": _user({"type": "audio", "audio": files["a16"]},
                                          {"type": "text", "text": "Is it high?"})},
         {"id": "tones", "messages": _user({"type": "audio", "audio": files["a22"]}, {"type": "text", "text": "or"},
                                           {"type": "audio", "audio": files["a16"]}, system="One word.")},
+        # 4 of 8 fps (video_second_per_grid 0.5); the second video at the default 2 fps, resized to the grid.
+        {"id": "video", "messages": _user({"type": "video", "video": files["v8"], "fps": 4},
+                                          {"type": "text", "text": "Where does it move?"})},
+        {"id": "image+video", "messages": _user({"type": "image", "image": image_paths[0]},
+                                                {"type": "video", "video": files["v4"]},
+                                                {"type": "text", "text": "Same colour?"})},
     ]
     rows = audio + [
         {"id": "one", "messages": _user({"type": "image", "image": image_paths[0]},
@@ -75,7 +81,7 @@ def served(request, vllm_env, image_paths, media_files, tmp_path_factory):  # no
                           seed=0, dtype="float32", model_type=model.config.model_type, lora_scaling=None)
     audio = family == "qwen2_5_omni"
     prompts = adapter.encode_prompts(_samples(image_paths, media_files if audio else None))
-    assert {k for e in prompts.encodings for k in e.raw} == ({"image", "audio"} if audio else {"image"})
+    assert {k for e in prompts.encodings for k in e.raw} == ({"image", "audio", "video"} if audio else {"image"})
     yield model, adapter, strategy, engine, prompts
     engine.close()
 
@@ -159,6 +165,24 @@ def test_gemma3_prompt_is_sent_with_one_image_start_per_image(image_paths):
         assert expanded == ids
     no_newlines = [5, boi, soft, eoi, 6]
     assert gemma3_prompt(no_newlines, tok, boi=boi, eoi=eoi) == no_newlines  # left for the engine's check
+
+
+def test_omni_videos_with_their_audio_track_are_refused_by_the_client(media_files):  # noqa: F811 (fixture)
+    from lightrft_mm.processors.adapter import PromptEncoding
+
+    cfg, _, _, adapter = _policy("qwen2_5_omni")
+    sample = Sample.from_dict({"id": "clip", "messages": _user({"type": "video", "video": media_files["v8"]},
+                                                               {"type": "text", "text": "Where?"})})
+    prompts = adapter.encode_prompts([sample])
+    enc = prompts.encodings[0]
+    # As the adapter marks a video encoded with its audio track (video.use_audio=true).
+    prompts.encodings[0] = PromptEncoding(enc.input_ids, enc.token_aligned,
+                                          {**enc.media, "use_audio_in_video": torch.ones(1, dtype=torch.bool)},
+                                          enc.raw)
+    engine = VLLMRolloutEngine("http://127.0.0.1:9", adapter, cfg.rollout.vllm, model_type="qwen2_5_omni_thinker",
+                               dtype=torch.float32)
+    with pytest.raises(RolloutError, match="videos with their audio track"):
+        engine.generate(prompts, 1, GREEDY)
 
 
 def test_a_qwen3_vl_video_prompt_is_refused_by_the_client(media_files):  # noqa: F811 (media_files is a fixture)

@@ -283,6 +283,10 @@ class VLLMRolloutEngine:
                 raise RolloutError(f"rollout.engine=vllm: vLLM 0.32 does not take {self.model_type}'s videos as the "
                                    "trainer builds them (a text timestamp before each frame). Fix: "
                                    "rollout.engine=hf for video data with this model.")
+            if "use_audio_in_video" in enc.media and bool(enc.media["use_audio_in_video"].any()):
+                raise RolloutError("rollout.engine=vllm: videos with their audio track (video.use_audio) are not "
+                                   "sent to vLLM (its interleaving is not checked against the trainer's). Fix: "
+                                   "rollout.engine=hf, or video.use_audio=false.")
             ids = enc.input_ids.tolist()
             full_prompts.append(ids)
             requests.append({"prompt_token_ids": self._engine_prompt(ids), **prompt_media(enc, self.adapter)})

@@ -5,7 +5,7 @@ see the same items, so that vLLM's expansion of the prompt and its pixel values 
 the trainer's:
 
 - images: the PIL images the processor was given, as PNG (lossless);
-- videos (Qwen2-VL / Qwen2.5-VL): the frames the adapter sampled, resized to the grid the
+- videos (Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni): the frames the adapter sampled, resized to the grid the
   adapter's processor chose (`video_grid_thw` x patch size, with the same PIL resampler), as PNG,
   with the sampled fps when the family uses it (Qwen2.5-VL's `second_per_grid_ts` is
   temporal_patch / fps). vLLM gets them with `do_sample_frames=False`, and `QwenVideoProcessor`
@@ -35,7 +35,10 @@ VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Qwen3.5 write a text timestamp before each frame; InternVL's adapter takes no video; their video
 # processors need torchvision): the engine allows them no video (`vllm_server`), and the client
 # refuses video prompts for them.
-NO_VIDEO_FAMILIES = ("qwen3_vl", "qwen3_5", "internvl", "qwen2_5_omni_thinker", "qwen2_5_omni")
+NO_VIDEO_FAMILIES = ("qwen3_vl", "qwen3_5", "internvl")
+# Families whose processor reads the videos' fps from the request's processor keywords (one for
+# the prompt: Qwen2_5OmniProcessor's `fps`), not from each video's metadata.
+FPS_KWARG_FAMILIES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 
 
 def audio_window_problem(nb_max_frames: int, where: str) -> str | None:
@@ -135,9 +138,10 @@ def _video(frames, i: int, enc, adapter) -> dict:
             image = image.resize((width, height), resample=int(ip.resample))
         sized.append(png(image))
     video = {"frames": sized}
-    if "second_per_grid_ts" in enc.media:
-        # tp / (tp / seconds) gives back the trainer's float32 seconds once vLLM stores it as float32.
-        video["fps"] = ip.temporal_patch_size / float(enc.media["second_per_grid_ts"][i])
+    for key in ("second_per_grid_ts", "video_second_per_grid"):  # Qwen2.5-VL's, Qwen2.5-Omni's
+        if key in enc.media:
+            # tp / (tp / seconds) gives back the trainer's float32 seconds once vLLM stores it as float32.
+            video["fps"] = ip.temporal_patch_size / float(enc.media[key][i])
     return video
 
 
@@ -146,6 +150,18 @@ def _image(data: str):
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def processor_kwargs(prompt: dict, model_type: str) -> dict:
+    """vLLM's `mm_processor_kwargs` for one request prompt: the fps of its videos for a family
+    in FPS_KWARG_FAMILIES (one fps for all of them: Qwen2_5OmniProcessor takes one)."""
+    if model_type not in FPS_KWARG_FAMILIES or not prompt.get("videos"):
+        return {}
+    rates = {float(v["fps"]) for v in prompt["videos"] if v.get("fps")}
+    if len(rates) != 1 or any(not v.get("fps") for v in prompt["videos"]):
+        raise ValueError(f"{model_type}: the videos of one prompt need one fps (Qwen2_5OmniProcessor takes one per "
+                         f"call), got {sorted(rates) or 'none'}. Fix: sample every video of a prompt at the same fps.")
+    return {"fps": rates.pop()}
 
 
 def engine_media(prompt: dict) -> dict:
@@ -182,7 +198,7 @@ class QwenVideoProcessor(dict):
     # The keywords transformers and vLLM route to a video processor (what __call__ accepts).
     valid_kwargs = type("QwenVideoKwargs", (), {"__annotations__": {
         "do_sample_frames": bool, "video_metadata": object, "return_metadata": bool, "do_rescale": bool,
-        "do_normalize": bool}})
+        "do_normalize": bool, "fps": float}})
 
     def __init__(self, image_processor):
         super().__init__()
@@ -192,7 +208,10 @@ class QwenVideoProcessor(dict):
         self.temporal_patch_size = image_processor.temporal_patch_size
 
     def __call__(self, videos=None, *, video_metadata=None, return_metadata=False, return_tensors=None,
-                 do_sample_frames=None, do_rescale=None, do_normalize=None, **kwargs):
+                 do_sample_frames=None, do_rescale=None, do_normalize=None, fps=None, size=None, **kwargs):
+        # Qwen2_5OmniProcessor passes on `fps` (it derives video_second_per_grid from it) and its
+        # default video `size` bounds: the frames arrive sampled at that fps and sized by the
+        # trainer, and are never sampled or resized again here (the `frame_size` rule below).
         import torch
         from transformers import BatchFeature
         from transformers.video_utils import VideoMetadata
@@ -247,4 +266,4 @@ class QwenVideoProcessor(dict):
 
 
 __all__ = ["NO_VIDEO_FAMILIES", "QwenVideoProcessor", "VIDEO_FAMILIES", "audio_window_problem", "engine_media",
-           "gemma3_prompt", "prompt_media", "span_prompt"]
+           "gemma3_prompt", "processor_kwargs", "prompt_media", "span_prompt"]

@@ -84,7 +84,7 @@ class Engine:
             kwargs["max_model_len"] = max_model_len
         from lightrft_mm.rollout.vllm_media import NO_VIDEO_FAMILIES
 
-        model_type = _model_type(model)
+        self.model_type = model_type = _model_type(model)
         if model_type in NO_VIDEO_FAMILIES:  # no dummy video at start-up either
             kwargs["limit_mm_per_prompt"] = {"video": 0}
         if model_type == "gemma3":
@@ -105,7 +105,7 @@ class Engine:
     def generate(self, body: dict) -> dict:
         from vllm import SamplingParams
 
-        from lightrft_mm.rollout.vllm_media import engine_media
+        from lightrft_mm.rollout.vllm_media import engine_media, processor_kwargs
 
         s, n = body["sampling"], int(body["n"])
         suppress = set(body.get("suppress", []))
@@ -121,6 +121,8 @@ class Engine:
             media = engine_media(p)
             if media:
                 prompt["multi_modal_data"] = media
+            if kwargs := processor_kwargs(p, self.model_type):
+                prompt["mm_processor_kwargs"] = kwargs
             prompts.append(prompt)
         with self.lock:
             self._awake()
