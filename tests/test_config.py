@@ -349,3 +349,11 @@ def test_train_generates_the_synthetic_data_it_names(tmp_path):
     before = (tmp_path / "train" / "manifest.json").stat().st_mtime_ns
     ensure_synthetic(cfg.data)  # present: left alone
     assert (tmp_path / "train" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_a_videos_sound_track_is_refused_for_models_that_cannot_take_it():
+    """video.use_audio reaches only Qwen2.5-Omni's adapter; elsewhere it would be ignored, so it is refused."""
+    with pytest.raises(ConfigError, match=r"video.use_audio: qwen3_vl takes no video's sound track.*tiny:qwen2_5_omni"):
+        load_config("recipes/demo/video.yaml", ["video.use_audio=true", "model.name_or_path=tiny:qwen3_vl"])
+    cfg = load_config("recipes/demo/video.yaml", ["video.use_audio=true", "model.name_or_path=tiny:qwen2_5_omni"])
+    assert cfg.video.use_audio

@@ -259,6 +259,13 @@ def _cross_checks(cfg: Config) -> list[str]:
         if cfg.model.tiny_tokenizer != "bpe":
             problems.append("model.tiny_tokenizer: only applies to tiny: models; a model folder "
                             "brings its own tokenizer. Fix: remove it.")
+    if cfg.video.use_audio:
+        from lightrft_mm.strategy import model_type_of
+
+        kind = model_type_of(name, cfg.model.revision)
+        if kind and kind not in AUDIO_IN_VIDEO:
+            problems.append(f"video.use_audio: {kind} takes no video's sound track; Qwen2.5-Omni does "
+                            "(tiny:qwen2_5_omni). Fix: video.use_audio=false, or give the sound as an audio part.")
     from lightrft_mm.models.trainable import PARTS
 
     unknown = [x for x in cfg.model.freeze if x not in PARTS]
@@ -273,6 +280,10 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.warmup.steps and "{answer}" not in cfg.warmup.template:
         problems.append(f"warmup.template: {cfg.warmup.template!r} lacks {{answer}}. Fix: e.g. '\\\\boxed{{{{answer}}}}'.")
     return problems
+
+
+# Model types (and tiny families) that interleave a video's sound with its frames (video.use_audio).
+AUDIO_IN_VIDEO = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 
 
 def _lora_problems(model, parts) -> list[str]:
