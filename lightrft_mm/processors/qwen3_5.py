@@ -6,6 +6,11 @@ and the frame's vision tokens per temporal patch, with `mm_token_type_ids` 1 / 2
 the interleaved M-RoPE index. So the prompt is built by `Qwen3VLAdapter`; this class only names
 the model in its errors.
 
+Left padding is safe: transformers' Gated DeltaNet multiplies the hidden states of padded
+positions by the 2-D attention mask (`apply_mask_to_padding_states`) before its bias-free
+projections, so a pad adds zero keys and values to the convolution window and the recurrent
+state (tests: a prompt gives the same greedy tokens and log-probs alone and under ~250 pads).
+
 Padding-free packing (trainer.padding_free) is refused (`check_padding_free`): the torch
 fallback of the Gated DeltaNet layers runs its convolution and recurrent state over the whole
 packed sequence, so rows would leak into each other without the fla / causal-conv1d varlen
