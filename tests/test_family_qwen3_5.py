@@ -123,6 +123,24 @@ def test_left_padding_does_not_leak_into_the_recurrent_state(tiny, mixed, share)
         assert diff <= 1e-4, (sample.id, diff)
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen2_5_vl"])
+def test_text_only_batches_prefilled_once_count_no_padding(family):
+    """A batch without media gives M-RoPE models no rope offsets: `prefill_once` must give its
+    prefill the mask's positions, as generate's decode steps use (before the fix the padded row
+    of this batch decoded other tokens on qwen3_5, and log-probs 1.6e-3 off on qwen2_5_vl)."""
+    model, processor = build_tiny(family)
+    adapter = make_adapter(model, processor)
+    short, long = _row("s", [], "Say hi."), _row("l", [], LONG)
+    greedy = SamplingParams(max_new_tokens=8, greedy=True)
+    engine = HFRolloutEngine(model, adapter)
+    together = engine.generate(adapter.encode_prompts([short, long]), N, greedy)
+    alone = engine.generate(adapter.encode_prompts([short]), N, greedy)
+    assert torch.equal(together.completion_ids[:N], alone.completion_ids)
+    assert (together.logps[:N] - alone.logps).abs().max().item() <= 1e-4
+    logps, _ = forward_logprobs(model, together.prompts, together.completion_ids, together.completion_mask)
+    assert ((logps - together.logps).abs() * together.completion_mask).max().item() <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def sampled(tiny, mixed):
     model, adapter = tiny
