@@ -3,15 +3,17 @@
 
 With the real engine (`make vllm`; skipped where no vLLM environment exists, unless
 LIGHTRFT_MM_REQUIRE_VLLM=1, where they fail): one engine per served family, started from the
-trainer's weights as `mode=colocate` starts it, on text, image and several-image prompts (Qwen2.5-Omni:
-audio, several-audio and video ones too: the frames and fps the trainer sampled); greedy completions and log-probs equal the HF engine's (<= 1e-5) before and after a weight sync, a sync
-of perturbed weights changes them and syncing the originals back restores them exactly; sampled
-log-probs are those of the processed distribution (suppression, temperature, top-k, top-p).
+trainer's weights as `mode=colocate` starts it, on text, image and several-image prompts, and
+video prompts with the frames and fps the trainer sampled (Qwen3-VL with its text timestamps;
+Qwen2.5-Omni, which also gets audio prompts); greedy completions and log-probs equal the HF
+engine's (<= 1e-5) before and after a weight sync, a sync of perturbed weights changes them and
+syncing the originals back restores them exactly; sampled log-probs are those of the processed
+distribution (suppression, temperature, top-k, top-p).
 
 Without it: the prompts the client sends are the ones vLLM expands back to the trainer's
-(InternVL's `<img>...</img>` span, Gemma 3's newline-wrapped image), videos vLLM would take
-another way are refused by the client, and `validate` refuses the families vLLM 0.32 does not
-serve faithfully, saying why.
+(InternVL's `<img>...</img>` span, Gemma 3's newline-wrapped image, Qwen3-VL's timestamped
+video), Omni videos with their audio track are refused by the client, and `validate` refuses the
+families vLLM 0.32 does not serve faithfully, saying why.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lightrft_mm.models import load_policy
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.rollout.hf import SamplingParams
 from lightrft_mm.rollout.vllm import FAMILIES, NOT_SERVED, VLLMRolloutEngine, start_engine
-from lightrft_mm.rollout.vllm_media import gemma3_prompt, span_prompt
+from lightrft_mm.rollout.vllm_media import gemma3_prompt, prompt_media, qwen3_video_prompt, span_prompt
 from lightrft_mm.schema import Sample
 from lightrft_mm.strategy import STRATEGIES
 from tests.test_rollout import _processed_logps
@@ -36,15 +38,20 @@ SERVED = ("qwen3_vl", "internvl", "qwen2_5_omni")
 REFUSED = ("qwen3_5", "gemma3")
 
 
-def _samples(image_paths, files=None) -> list[Sample]:
-    """Image, two-image and text rows; with `files` (Qwen2.5-Omni) also audio rows (1 s at 16 kHz;
-    0.6 s stereo at 22.05 kHz, resampled by the trainer, with the first one after it) and video rows."""
-    audio = [] if files is None else [
+KINDS = {"qwen3_vl": {"image", "video"}, "internvl": {"image"}, "qwen2_5_omni": {"image", "audio", "video"}}
+
+
+def _samples(image_paths, files=None, *, audio=False, video=False) -> list[Sample]:
+    """Image, two-image and text rows; audio rows (1 s at 16 kHz; 0.6 s stereo at 22.05 kHz,
+    resampled by the trainer, with the first one after it) and video rows from `files`."""
+    audio = [] if not audio else [
         {"id": "tone", "messages": _user({"type": "audio", "audio": files["a16"]},
                                          {"type": "text", "text": "Is it high?"})},
         {"id": "tones", "messages": _user({"type": "audio", "audio": files["a22"]}, {"type": "text", "text": "or"},
                                           {"type": "audio", "audio": files["a16"]}, system="One word.")},
-        # 4 of 8 fps (video_second_per_grid 0.5); the second video at the default 2 fps, resized to the grid.
+    ]
+    audio += [] if not video else [
+        # 4 of 8 fps (Omni: video_second_per_grid 0.5); the second video at the default 2 fps, resized to the grid.
         {"id": "video", "messages": _user({"type": "video", "video": files["v8"], "fps": 4},
                                           {"type": "text", "text": "Where does it move?"})},
         {"id": "image+video", "messages": _user({"type": "image", "image": image_paths[0]},
@@ -79,9 +86,9 @@ def served(request, vllm_env, image_paths, media_files, tmp_path_factory):  # no
     model, _ = strategy.prepare(model, lambda params: torch.optim.SGD(params, lr=0.0))
     engine = start_engine(cfg, model, processor, adapter, strategy, folder=tmp_path_factory.mktemp(family) / "engine",
                           seed=0, dtype="float32", model_type=model.config.model_type, lora_scaling=None)
-    audio = family == "qwen2_5_omni"
-    prompts = adapter.encode_prompts(_samples(image_paths, media_files if audio else None))
-    assert {k for e in prompts.encodings for k in e.raw} == ({"image", "audio", "video"} if audio else {"image"})
+    prompts = adapter.encode_prompts(_samples(image_paths, media_files, audio=family == "qwen2_5_omni",
+                                              video=family in ("qwen2_5_omni", "qwen3_vl")))
+    assert {k for e in prompts.encodings for k in e.raw} == KINDS[family]
     yield model, adapter, strategy, engine, prompts
     engine.close()
 
@@ -185,12 +192,34 @@ def test_omni_videos_with_their_audio_track_are_refused_by_the_client(media_file
         engine.generate(prompts, 1, GREEDY)
 
 
-def test_a_qwen3_vl_video_prompt_is_refused_by_the_client(media_files):  # noqa: F811 (media_files is a fixture)
-    cfg, _, _, adapter = _policy("qwen3_vl")
-    sample = Sample.from_dict({"id": "clip", "messages": _user({"type": "video", "video": media_files["v8"]},
-                                                               {"type": "text", "text": "Where?"})})
-    prompts = adapter.encode_prompts([sample])
-    engine = VLLMRolloutEngine("http://127.0.0.1:9", adapter, cfg.rollout.vllm, model_type="qwen3_vl",
-                               dtype=torch.float32)
-    with pytest.raises(RolloutError, match="does not take qwen3_vl's videos"):
-        engine.generate(prompts, 1, GREEDY)
+def test_qwen3_vl_video_prompt_is_sent_with_one_pad_per_video_and_its_times(image_paths, media_files):  # noqa: F811
+    _, _, _, adapter = _policy("qwen3_vl")
+    tok = adapter.tokenizer
+    start, pad, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|video_pad|>", "<|vision_end|>"])
+    sample = Sample.from_dict({"id": "iv", "messages": _user(
+        {"type": "video", "video": media_files["v8"], "fps": 4}, {"type": "image", "image": image_paths[0]},
+        {"type": "video", "video": media_files["v4"]}, {"type": "text", "text": "Same?"})})
+    enc = adapter.encode_prompts([sample]).encodings[0]
+    ids, grids = enc.input_ids.tolist(), enc.media["video_grid_thw"]
+    sent, times = qwen3_video_prompt(ids, [int(g[0]) for g in grids], pad=pad, start=start, end=end, tokenizer=tok)
+    assert sent.count(pad) == 2 and [len(t) for t in times] == [int(g[0]) for g in grids]
+    # vLLM's expansion of each video pad (Qwen3VLMultiModalProcessor.get_video_repl), from the times
+    # vLLM computes out of the metadata the client sends (frames_indices / fps, mean over a patch).
+    media = prompt_media(enc, adapter, video_times=times)
+    tp = adapter.image_processor.temporal_patch_size
+    videos = iter(zip(media["videos"], grids))
+    expanded = []
+    for t in sent:
+        if t != pad:
+            expanded.append(t)
+            continue
+        video, grid = next(videos)
+        seconds = [k / video["fps"] for k in video["frames_indices"]]
+        seconds += seconds[-1:] * (-len(seconds) % tp)
+        per_frame = int(grid[1] * grid[2]) // adapter.image_processor.merge_size ** 2
+        for i in range(0, len(seconds), tp):
+            expanded += tok.encode(f"<{(seconds[i] + seconds[i + tp - 1]) / 2:.1f} seconds>", add_special_tokens=False)
+            expanded += [start] + [pad] * per_frame + [end]
+    assert expanded == ids
+    assert qwen3_video_prompt(ids[:ids.index(end)], [int(g[0]) for g in grids], pad=pad, start=start, end=end,
+                              tokenizer=tok) is None  # cut inside the first video

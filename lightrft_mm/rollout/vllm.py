@@ -42,7 +42,7 @@ import torch
 from lightrft_mm.errors import RolloutError
 from lightrft_mm.rollout.hf import Rollouts, SamplingParams, completion_mask_from
 from lightrft_mm.rollout.vllm_media import (NO_VIDEO_FAMILIES, audio_window_problem, gemma3_prompt, prompt_media,
-                                            span_prompt)
+                                            qwen3_video_prompt, span_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "qwen2", "qwen2_aud
 NOT_SERVED = {
     "qwen3_5": "vLLM 0.32's CPU Gated DeltaNet kernel takes only bfloat16 (\"CPU GDN attention requires BF16\", "
                "vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py), so its log-probs cannot match the "
-               "trainer's float32 ones",
+               "trainer's float32 ones (and only linear-attention head dims that are multiples of 32)",
     "gemma3": "vLLM 0.32's CPU attention has no bidirectional attention over an image's soft tokens (Gemma 3's "
               "token_type_ids; an mm-prefix LM): its image prompts' log-probs differ from the trainer's by up to 0.03",
 }
@@ -229,17 +229,28 @@ class VLLMRolloutEngine:
         self._calls = 0
         self.sync_seconds = 0.0
 
-    def _engine_prompt(self, ids: list[int]) -> list[int]:
-        """The trainer's prompt with its media placeholders as vLLM expands them again."""
+    def _engine_prompt(self, ids: list[int], enc) -> tuple[list[int], list[list[float]] | None]:
+        """The trainer's prompt with its media placeholders as vLLM expands them again, and (Qwen3-VL)
+        the times of each video's temporal patches its text gives."""
+        tok = self.adapter.tokenizer
         if self.model_type == "gemma3":
-            tok = self.adapter.tokenizer
             return gemma3_prompt(ids, tok, boi=tok.convert_tokens_to_ids(tok.boi_token),
-                                 eoi=tok.convert_tokens_to_ids(tok.eoi_token))
+                                 eoi=tok.convert_tokens_to_ids(tok.eoi_token)), None
         if self.model_type == "internvl":
-            tok = self.adapter.tokenizer
             return span_prompt(ids, start=tok.start_image_token_id, pad=tok.context_image_token_id,
-                               end=tok.end_image_token_id)
-        return compact_prompt(ids, self.placeholder_ids)
+                               end=tok.end_image_token_id), None
+        times = None
+        if self.model_type == "qwen3_vl" and enc.raw.get("video"):
+            start, pad, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|video_pad|>", "<|vision_end|>"])
+            got = qwen3_video_prompt(ids, [int(g[0]) for g in enc.media["video_grid_thw"]], pad=pad, start=start,
+                                     end=end, tokenizer=tok)
+            if got is None:
+                raise RolloutError("rollout.engine=vllm: a Qwen3-VL video prompt does not hold its videos as "
+                                   "<|vision_start|> + per temporal patch '<t seconds><|vision_start|>' + video pads + "
+                                   "<|vision_end|>, then <|vision_end|> (the adapter's form, which vLLM rebuilds). "
+                                   "Fix: keep those tokens out of the text and the chat template.")
+            ids, times = got
+        return compact_prompt(ids, self.placeholder_ids), times
 
     # -- transport -----------------------------------------------------------------------------
     def _request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
@@ -280,16 +291,17 @@ class VLLMRolloutEngine:
                 raise RolloutError(f"rollout.engine=vllm: prompts with {', '.join(sorted(other))} media are not sent "
                                    f"to vLLM (it gets {', '.join(MEDIA)}). Fix: rollout.engine=hf.")
             if enc.raw.get("video") and self.model_type in NO_VIDEO_FAMILIES:
-                raise RolloutError(f"rollout.engine=vllm: vLLM 0.32 does not take {self.model_type}'s videos as the "
-                                   "trainer builds them (a text timestamp before each frame). Fix: "
-                                   "rollout.engine=hf for video data with this model.")
+                raise RolloutError(f"rollout.engine=vllm: videos of {self.model_type} are not sent to vLLM (the "
+                                   "trainer's adapter builds none it takes). Fix: rollout.engine=hf for video data "
+                                   "with this model.")
             if "use_audio_in_video" in enc.media and bool(enc.media["use_audio_in_video"].any()):
                 raise RolloutError("rollout.engine=vllm: videos with their audio track (video.use_audio) are not "
                                    "sent to vLLM (its interleaving is not checked against the trainer's). Fix: "
                                    "rollout.engine=hf, or video.use_audio=false.")
             ids = enc.input_ids.tolist()
             full_prompts.append(ids)
-            requests.append({"prompt_token_ids": self._engine_prompt(ids), **prompt_media(enc, self.adapter)})
+            sent, times = self._engine_prompt(ids, enc)
+            requests.append({"prompt_token_ids": sent, **prompt_media(enc, self.adapter, video_times=times)})
         self._calls += 1
         rank = self.comm.rank if self.comm is not None else 0
         seed = (self.seed * 1_000_003 + self._calls * 10_007 + rank * 7_919_993) % 2**31  # GPU engines

@@ -29,13 +29,10 @@ import numpy as np
 # Qwen2AudioFeatureInputs schema is TensorShape("na", "nmb", 3000)
 # (vllm/model_executor/models/qwen2_audio.py).
 VLLM_AUDIO_FRAMES = 3000
-# Families whose videos the engine takes (the trainer's sampled frames through `QwenVideoProcessor`).
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-# Families whose vLLM processor would take videos, but not as the trainer builds them (Qwen3-VL and
-# Qwen3.5 write a text timestamp before each frame; InternVL's adapter takes no video; their video
-# processors need torchvision): the engine allows them no video (`vllm_server`), and the client
-# refuses video prompts for them.
-NO_VIDEO_FAMILIES = ("qwen3_vl", "qwen3_5", "internvl")
+# Families whose vLLM processor would take videos that the trainer's adapter does not build
+# (Qwen3.5's and InternVL's take none; their video processors need torchvision): the engine
+# allows them no video (`vllm_server`), and the client refuses video prompts for them.
+NO_VIDEO_FAMILIES = ("qwen3_5", "internvl")
 # Families whose processor reads the videos' fps from the request's processor keywords (one for
 # the prompt: Qwen2_5OmniProcessor's `fps`), not from each video's metadata.
 FPS_KWARG_FAMILIES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
@@ -58,14 +55,16 @@ def png(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def prompt_media(enc, adapter) -> dict:
+def prompt_media(enc, adapter, *, video_times: list[list[float]] | None = None) -> dict:
     """The JSON media of one `PromptEncoding` (see the module docstring). Every kind in
-    `enc.raw` must be one the engine takes (the caller checks)."""
+    `enc.raw` must be one the engine takes (the caller checks). video_times: the seconds of each
+    video's temporal patches as the prompt writes them (Qwen3-VL, `qwen3_video_prompt`)."""
     out = {}
     if enc.raw.get("image"):
         out["images"] = [png(im) for im in enc.raw["image"]]
     if enc.raw.get("video"):
-        out["videos"] = [_video(frames, i, enc, adapter) for i, frames in enumerate(enc.raw["video"])]
+        out["videos"] = [_video(frames, i, enc, adapter, None if video_times is None else video_times[i])
+                         for i, frames in enumerate(enc.raw["video"])]
     if enc.raw.get("audio"):
         rate = int(adapter.sampling_rate)
         out["audios"] = [{"data": base64.b64encode(np.asarray(a, dtype="<f4").tobytes()).decode(),
@@ -125,7 +124,62 @@ def gemma3_prompt(ids: list[int], tokenizer, *, boi: int, eoi: int) -> list[int]
     return out + rest
 
 
-def _video(frames, i: int, enc, adapter) -> dict:
+# Qwen3-VL: vLLM writes a temporal patch's time as the mean of its frames' frames_indices / fps,
+# with one decimal; at this fps whole indices give back the trainer's one-decimal times exactly.
+TIME_RATE = 10
+
+
+def qwen3_video_prompt(ids: list[int], grid_t: list[int], *, pad: int, start: int, end: int, tokenizer):
+    """Qwen3-VL's prompt as vLLM takes it, and the times its videos' text gives.
+
+    The trainer writes a video as `<|vision_start|>` + for each temporal patch `<t seconds>`
+    `<|vision_start|>` + pads + `<|vision_end|>`, then `<|vision_end|>`; vLLM expands one
+    `<|video_pad|>` between the outer markers into that, timestamps from the video's metadata.
+
+    Args:
+        ids: the trainer's prompt.
+        grid_t: temporal patches of each video, in order (`video_grid_thw[:, 0]`).
+        pad, start, end: the ids of `<|video_pad|>`, `<|vision_start|>`, `<|vision_end|>`.
+        tokenizer: decodes the timestamp tokens.
+
+    Returns:
+        (prompt with each video's inside collapsed to one pad, seconds of each video's
+        temporal patches), or None where the prompt does not hold the videos so.
+    """
+    import re
+
+    out, times, i = [], [], 0
+    for frames in grid_t:
+        while i < len(ids) and ids[i] != pad:
+            out.append(ids[i])
+            i += 1
+        if i == len(ids) or len(out) < 2 or out[-1] != start or start not in out[:-1]:
+            return None
+        outer = len(out) - 2 - out[-2::-1].index(start)
+        stamps, out = [out[outer + 1:-1]], out[:outer + 1]
+        for f in range(frames):
+            if f:  # this patch's timestamp, up to its own vision start
+                if start not in ids[i:]:
+                    return None
+                q = ids.index(start, i)
+                stamps.append(ids[i:q])
+                i = q + 1
+            if i == len(ids) or ids[i] != pad:
+                return None
+            while i < len(ids) and ids[i] == pad:
+                i += 1
+            if i == len(ids) or ids[i] != end:
+                return None
+            i += 1
+        found = [re.fullmatch(r"\s*<(\d+(?:\.\d)?) seconds>\s*", tokenizer.decode(t)) for t in stamps]
+        if not all(found):
+            return None
+        times.append([float(m.group(1)) for m in found])
+        out.append(pad)
+    return out + ids[i:], times
+
+
+def _video(frames, i: int, enc, adapter, times: list[float] | None = None) -> dict:
     from PIL import Image
 
     ip = adapter.image_processor
@@ -138,6 +192,10 @@ def _video(frames, i: int, enc, adapter) -> dict:
             image = image.resize((width, height), resample=int(ip.resample))
         sized.append(png(image))
     video = {"frames": sized}
+    if times is not None:  # Qwen3-VL: each frame's index at TIME_RATE is its temporal patch's time
+        tp = ip.temporal_patch_size
+        video.update(fps=float(TIME_RATE),
+                     frames_indices=[round(times[f // tp] * TIME_RATE) for f in range(len(sized))])
     for key in ("second_per_grid_ts", "video_second_per_grid"):  # Qwen2.5-VL's, Qwen2.5-Omni's
         if key in enc.media:
             # tp / (tp / seconds) gives back the trainer's float32 seconds once vLLM stores it as float32.
@@ -173,7 +231,8 @@ def engine_media(prompt: dict) -> dict:
         videos = []
         for v in prompt["videos"]:
             frames = np.stack([np.asarray(_image(f)) for f in v["frames"]])
-            meta = {"total_num_frames": len(frames), "frames_indices": list(range(len(frames))),
+            indices = v.get("frames_indices") or list(range(len(frames)))
+            meta = {"total_num_frames": len(frames), "frames_indices": [int(k) for k in indices],
                     "height": int(frames.shape[1]), "width": int(frames.shape[2]),
                     "video_backend": "lightrft_mm", "do_sample_frames": False}
             if v.get("fps"):
@@ -184,6 +243,14 @@ def engine_media(prompt: dict) -> dict:
         data["audio"] = [(np.frombuffer(base64.b64decode(a["data"]), dtype="<f4").copy(), int(a["sampling_rate"]))
                          for a in prompt["audios"]]
     return data
+
+
+def _is_clip_list(v) -> bool:
+    """A list of whole clips ([T, H, W, 3] arrays), not one clip's frames."""
+    import torch
+
+    return isinstance(v, (list, tuple)) and bool(v) and all(
+        isinstance(c, (np.ndarray, torch.Tensor)) and c.ndim == 4 for c in v)
 
 
 class QwenVideoProcessor(dict):
@@ -203,6 +270,7 @@ class QwenVideoProcessor(dict):
     def __init__(self, image_processor):
         super().__init__()
         self.image_processor = image_processor
+        self.size = image_processor.size  # the bounds vLLM's Qwen3-VL sizes its video budget by
         self.patch_size = image_processor.patch_size
         self.merge_size = image_processor.merge_size
         self.temporal_patch_size = image_processor.temporal_patch_size
@@ -232,6 +300,10 @@ class QwenVideoProcessor(dict):
             videos = []
         elif isinstance(videos, np.ndarray) and videos.ndim == 4:
             videos = [videos]
+        if all(_is_clip_list(v) for v in videos):  # batched: [[clip], ...] (vLLM's Qwen3-VL)
+            videos = [c for v in videos for c in v]
+            if isinstance(video_metadata, (list, tuple)) and all(isinstance(m, (list, tuple)) for m in video_metadata):
+                video_metadata = [m for ms in video_metadata for m in ms]
         clips = [np.stack([np.asarray(f) for f in v]) if isinstance(v, (list, tuple)) else np.asarray(v)
                  for v in videos]
         clips = [c.numpy() if isinstance(c, torch.Tensor) else c for c in clips]
@@ -265,5 +337,5 @@ class QwenVideoProcessor(dict):
         return t * (h // self.patch_size) * (w // self.patch_size)
 
 
-__all__ = ["NO_VIDEO_FAMILIES", "QwenVideoProcessor", "VIDEO_FAMILIES", "audio_window_problem", "engine_media",
-           "gemma3_prompt", "processor_kwargs", "prompt_media", "span_prompt"]
+__all__ = ["NO_VIDEO_FAMILIES", "QwenVideoProcessor", "audio_window_problem", "engine_media",
+           "gemma3_prompt", "processor_kwargs", "prompt_media", "qwen3_video_prompt", "span_prompt"]

@@ -38,7 +38,7 @@ RENAMED = ("transformers.models.gemma3.image_processing_gemma3",
 # whose class builds a `NoVideoProcessor`.
 VIDEO_STUBS = {"transformers.models.internvl.video_processing_internvl": "InternVLVideoProcessor"}
 PATCHED = "transformers.processing_utils"
-QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen2_5OmniProcessor")  # as vllm_media's
+QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen2_5OmniProcessor", "Qwen3VLProcessor")
 
 
 class _Alias(importlib.abc.Loader):
