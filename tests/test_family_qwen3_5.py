@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightrft_mm.config import load_config
 from lightrft_mm.errors import ConfigError, MediaError
 from lightrft_mm.models.logprobs import forward_logprobs
 from lightrft_mm.models.shared import prefill_once
 from lightrft_mm.models.tiny import build_tiny
 from lightrft_mm.processors import make_adapter
 from lightrft_mm.processors.adapter import PromptBatch
-from lightrft_mm.processors.qwen3_5 import Qwen3_5Adapter, check_padding_free, has_linear_attention
+from lightrft_mm.processors.qwen3_5 import Qwen3_5Adapter
 from lightrft_mm.rollout.hf import HFRolloutEngine, SamplingParams
 from lightrft_mm.schema import Sample
 from tests.test_shared import (  # noqa: F401  (media is a fixture; the three tests run on `setup` below)
@@ -192,12 +193,8 @@ def test_padding_free_is_refused_because_packed_rows_share_the_recurrent_state(t
     """Packed rows would run through one convolution and delta-rule state (no varlen kernels on
     the torch fallback): a row's log-probs change with the row packed before it."""
     model, adapter = tiny
-    with pytest.raises(ConfigError, match="trainer.padding_free=true cannot run Qwen3.5.*padding_free=false"):
-        check_padding_free(model, True)
-    check_padding_free(model, False)
-    saved = model.config.to_dict()  # config.json as validate reads it (model_type_of's dict)
-    assert has_linear_attention(saved) and has_linear_attention({"model_type": "qwen3_5"})
-    assert not has_linear_attention({"model_type": "qwen3_vl", "text_config": {"layer_types": ["full_attention"]}})
+    with pytest.raises(ConfigError, match="trainer.padding_free: qwen3_5 has linear-attention.*padding_free=false"):
+        load_config("recipes/demo/colors.yaml", ["model.name_or_path=tiny:qwen3_5", "trainer.padding_free=true"])
     prompts = adapter.encode_prompts([mixed[2], mixed[1]])  # text rows, long then short: only the packing differs
     ids = adapter.tokenizer([" red green blue yellow"] * 2, return_tensors="pt")["input_ids"]
     mask = torch.ones_like(ids)

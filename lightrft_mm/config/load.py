@@ -259,10 +259,18 @@ def _cross_checks(cfg: Config) -> list[str]:
         if cfg.model.tiny_tokenizer != "bpe":
             problems.append("model.tiny_tokenizer: only applies to tiny: models; a model folder "
                             "brings its own tokenizer. Fix: remove it.")
-    if cfg.video.use_audio:
-        from lightrft_mm.strategy import model_type_of
+    from lightrft_mm.strategy import model_type_of
 
-        kind = model_type_of(name, cfg.model.revision)
+    kind = model_type_of(name, cfg.model.revision) if cfg.video.use_audio or cfg.trainer.padding_free else ""
+    if cfg.trainer.padding_free:
+        from lightrft_mm.processors.qwen3_5 import LINEAR_ATTENTION_MODEL_TYPES
+
+        if kind in LINEAR_ATTENTION_MODEL_TYPES:
+            problems.append(f"trainer.padding_free: {kind} has linear-attention (Gated DeltaNet) layers, whose "
+                            "convolution and recurrent state run along the sequence: without the fla / causal-conv1d "
+                            "varlen kernels packed rows would flow into each other. Fix: trainer.padding_free=false "
+                            "for this model.")
+    if cfg.video.use_audio:
         if kind and kind not in AUDIO_IN_VIDEO:
             problems.append(f"video.use_audio: {kind} takes no video's sound track; Qwen2.5-Omni does "
                             "(tiny:qwen2_5_omni). Fix: video.use_audio=false, or give the sound as an audio part.")

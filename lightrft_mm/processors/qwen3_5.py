@@ -19,7 +19,7 @@ kernels.
 
 from __future__ import annotations
 
-from lightrft_mm.errors import ConfigError, MediaError
+from lightrft_mm.errors import MediaError
 from lightrft_mm.processors.adapter import PromptEncoding
 from lightrft_mm.processors.qwen3_vl import Qwen3VLAdapter
 from lightrft_mm.schema import Sample
@@ -51,42 +51,10 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         return super().encode_one(sample)
 
 
-PADDING_FREE_MESSAGE = (
-    "trainer.padding_free=true cannot run Qwen3.5 (model_type qwen3_5): its Gated DeltaNet "
-    "linear-attention layers (config.text_config.layer_types) carry a convolution and a recurrent "
-    "state along the sequence, and without the fla / causal-conv1d varlen kernels the packed rows "
-    "would flow into each other. Fix: set trainer.padding_free=false for this model."
-)
-
-
-# Model types whose text layers include Gated DeltaNet linear attention (config.json may leave
-# layer_types out and give full_attention_interval instead).
+# Model types whose text layers include Gated DeltaNet linear attention: `validate` refuses
+# trainer.padding_free for them (no varlen kernels on the torch fallback: packed rows would share
+# one convolution window and recurrent state).
 LINEAR_ATTENTION_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
 
 
-def check_padding_free(model, padding_free: bool) -> None:
-    """Refuse padding-free packing for a model with linear-attention layers.
-
-    Args:
-        model: the HF model (only its config is read).
-        padding_free: the value of trainer.padding_free.
-
-    Raises:
-        ConfigError: padding_free is on and the text model has a "linear_attention" layer.
-    """
-    if padding_free and has_linear_attention(model.config):
-        raise ConfigError(PADDING_FREE_MESSAGE)
-
-
-def has_linear_attention(config) -> bool:
-    """True when a model config (a transformers config, or config.json as a dict) has linear-attention
-    layers: its (text) layer_types list one, or its model_type is one of LINEAR_ATTENTION_MODEL_TYPES."""
-    read = (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))  # noqa: E731
-    text = read(config, "text_config") or config
-    if read(config, "model_type") in LINEAR_ATTENTION_MODEL_TYPES:
-        return True
-    return "linear_attention" in (read(text, "layer_types") or ())
-
-
-__all__ = ["LINEAR_ATTENTION_MODEL_TYPES", "PADDING_FREE_MESSAGE", "Qwen3_5Adapter", "check_padding_free",
-           "has_linear_attention"]
+__all__ = ["LINEAR_ATTENTION_MODEL_TYPES", "Qwen3_5Adapter"]
