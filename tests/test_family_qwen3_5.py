@@ -101,7 +101,7 @@ def test_video_has_frame_timestamps_and_reaches_the_lm(tiny, media):  # noqa: F8
 
 def test_audio_rows_are_refused_by_name(tiny, media):  # noqa: F811
     _, adapter = tiny
-    with pytest.raises(MediaError, match=r"sample s: has audio parts.*Qwen3.5.*tiny:qwen2_audio"):
+    with pytest.raises(MediaError, match=r"sample s: audio parts need an audio.*tiny:qwen2_audio.*Qwen3.5 models"):
         adapter.encode_prompts([_row("s", [{"type": "audio", "audio": str(media / "t.wav")}], "High?")])
 
 

@@ -144,8 +144,8 @@ def test_missing_data_is_a_note_only_where_the_launch_line_prepares_it(tmp_path,
     path = _recipe(tmp_path, f"{prepared} && lightrft-mm train r.yaml", ["data/x"])
     assert presence_notes(load_config(path), path) == [f"data.train[0] data/x: not prepared yet: {prepared}"]
     path = _recipe(tmp_path, f"{prepared} && lightrft-mm train r.yaml", ["data/x", "data/other"])
-    with pytest.raises(ConfigError, match=r"(?s)1 problem.*data.train\[1\]: 'data/other' does not exist. Fix: prepare it "
-                                          r"\(`lightrft-mm prepare SOURCE --out data/other`"):
+    with pytest.raises(ConfigError, match=r"(?s)1 problem.*data.train\[1\]: 'data/other' does not exist. "
+                                          r"Fix: prepare it \(`lightrft-mm prepare SOURCE --out data/other`"):
         presence_notes(load_config(path), path)
 
 

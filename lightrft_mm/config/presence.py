@@ -3,8 +3,9 @@
 A recipe may name a Hub model that is not downloaded yet, a colocated vLLM engine whose
 environment is not installed yet, and data folders its launch command (the first line,
 `# Launch: ...`) prepares: these are reported as notes, not problems, so that every recipe
-validates on a fresh clone (`train` requires the first two before loading anything). A data folder that exists is read in full (every row
-against the schema, media paths inside the folder), as training would; a missing folder that
+validates on a fresh clone (`train` requires the first two before loading anything). A data
+folder that exists is read in full (every row against the schema, media paths inside the
+folder), as training would; a missing folder that
 neither the launch command prepares nor `data.synthetic` generates is a problem.
 """
 

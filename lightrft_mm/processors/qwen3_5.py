@@ -4,14 +4,14 @@ Qwen3.5's vision path and prompt format are Qwen3-VL's (`Qwen3VLProcessor` is it
 an image pad expands to grid t*h*w / merge^2 pads, a video pad to a `<t seconds>` text timestamp
 and the frame's vision tokens per temporal patch, with `mm_token_type_ids` 1 / 2 on the pads for
 the interleaved M-RoPE index. So the prompt is built by `Qwen3VLAdapter`; this class only names
-the model in its errors.
+the model (in its errors: audio parts are refused, as by Qwen3-VL).
 
 Left padding is safe: transformers' Gated DeltaNet multiplies the hidden states of padded
 positions by the 2-D attention mask (`apply_mask_to_padding_states`) before its bias-free
 projections, so a pad adds zero keys and values to the convolution window and the recurrent
 state (tests: a prompt gives the same greedy tokens and log-probs alone and under ~250 pads).
 
-Padding-free packing (trainer.padding_free) is refused (`check_padding_free`): the torch
+Padding-free packing (trainer.padding_free) is refused by `validate` (LINEAR_ATTENTION_MODEL_TYPES): the torch
 fallback of the Gated DeltaNet layers runs its convolution and recurrent state over the whole
 packed sequence, so rows would leak into each other without the fla / causal-conv1d varlen
 kernels.
@@ -19,10 +19,7 @@ kernels.
 
 from __future__ import annotations
 
-from lightrft_mm.errors import MediaError
-from lightrft_mm.processors.adapter import PromptEncoding
 from lightrft_mm.processors.qwen3_vl import Qwen3VLAdapter
-from lightrft_mm.schema import Sample
 
 
 class Qwen3_5Adapter(Qwen3VLAdapter):
@@ -36,19 +33,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     """
 
     model_type = "qwen3_5"
-
-    def encode_one(self, sample: Sample) -> PromptEncoding:
-        """One Sample -> token ids, `mm_token_type_ids` and its images' and videos' tensors.
-
-        Raises:
-            MediaError: the sample holds audio, a media file cannot be read, or the
-                placeholders of the prompt do not match its media parts (names the sample).
-        """
-        if sample.media("audio"):
-            raise MediaError(f"sample {sample.id}: has audio parts, which Qwen3.5 does not take (it takes "
-                             "text, images and videos). Fix: drop the audio rows for this model, or train a "
-                             "family that takes audio (tiny:qwen2_audio, tiny:qwen2_5_omni).")
-        return super().encode_one(sample)
+    family_name = "Qwen3.5"
 
 
 # Model types whose text layers include Gated DeltaNet linear attention: `validate` refuses

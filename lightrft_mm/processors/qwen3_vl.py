@@ -25,20 +25,16 @@ path is Qwen3-VL's (Qwen3.5) can reuse it.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
 from lightrft_mm.errors import MediaError
-from lightrft_mm.processors.adapter import PromptEncoding, to_hf_messages
-from lightrft_mm.processors.qwen_vl import IMAGE_PAD, VIDEO_PAD, QwenVLAdapter
+from lightrft_mm.processors.qwen_vl import VIDEO_PAD, QwenVLAdapter
 from lightrft_mm.processors.video import qwen_video_inputs
 from lightrft_mm.schema import Sample
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-_PADS = re.compile(re.escape(IMAGE_PAD) + "|" + re.escape(VIDEO_PAD))
 
 
 def temporal_patch_times(timestamps, temporal_patch: int) -> list[float]:
@@ -79,6 +75,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     """
 
     model_type = "qwen3_vl"
+    family_name = "Qwen3-VL"
 
     def __init__(self, processor, *, system_prompt: str | None = None, image=None, video=None,
                  audio=None, model_type: str | None = None):
@@ -91,37 +88,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def sends_second_per_grid(self) -> bool:
         return False
 
-    def encode_one(self, sample: Sample) -> PromptEncoding:
-        """One Sample -> token ids, `mm_token_type_ids` and its media tensors.
-
-        Raises:
-            MediaError: a media file cannot be read, the sample holds audio, or the
-                placeholders of the prompt do not match its media parts (names the sample).
-        """
-        where = f"sample {sample.id}"
-        if sample.media("audio"):
-            raise MediaError(f"{where}: audio parts need an audio model (e.g. tiny:qwen2_audio or "
-                             "tiny:qwen2_5_omni); Qwen3-VL models take text, images and videos.")
-        text = self.processor.apply_chat_template(
-            to_hf_messages(sample, self.system_prompt), add_generation_prompt=True, tokenize=False)
-        media: dict[str, torch.Tensor] = {}
-        raw: dict[str, list] = {}
-        image_tokens = self._images(sample, where, media, raw)
-        videos = self._qwen3_videos(sample, where, media, raw)
-        text = self._expand_qwen3(text, image_tokens, [v for v, _ in videos], where)
-        input_ids = self.tokenizer([text], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        types = torch.zeros_like(input_ids)
-        types[input_ids == self.image_token_id] = 1
-        types[input_ids == self.video_token_id] = 2
-        for kind, code, need in (("image", 1, sum(image_tokens)), ("video", 2, sum(n for _, n in videos))):
-            if int((types == code).sum()) != need:
-                raise MediaError(f"{where}: the tokenized prompt holds {int((types == code).sum())} {kind} "
-                                 f"tokens where its {kind}(s) need {need}. Fix: keep '{IMAGE_PAD}' / "
-                                 f"'{VIDEO_PAD}' out of the text and the chat template.")
-        return PromptEncoding(input_ids, {"mm_token_type_ids": types}, media, raw)
-
-    def _qwen3_videos(self, sample: Sample, where: str, media: dict, raw: dict) -> list[tuple[str, int]]:
-        """Video tensors into `media`; returns each video's (placeholder text, video tokens)."""
+    def _videos(self, sample: Sample, where: str, media: dict, raw: dict) -> list[tuple[str, int]]:
+        """Video tensors into `media`; returns each video's (timestamped frames text, video tokens)."""
         parts = sample.media("video")
         if not parts:
             return []
@@ -148,19 +116,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
         media["pixel_values_videos"] = torch.cat(pixels)
         media["video_grid_thw"] = torch.cat(grids)
         return out
-
-    @staticmethod
-    def _expand_qwen3(text: str, image_tokens: list[int], video_texts: list[str], where: str) -> str:
-        """Replace the i-th image pad by its pads and the i-th video pad by its timestamped frames."""
-        found = _PADS.findall(text)
-        n_images, n_videos = found.count(IMAGE_PAD), found.count(VIDEO_PAD)
-        if (n_images, n_videos) != (len(image_tokens), len(video_texts)):
-            raise MediaError(f"{where}: the prompt has {n_images} image and {n_videos} video placeholder(s) "
-                             f"but the sample has {len(image_tokens)} image and {len(video_texts)} video "
-                             f"part(s). Fix: remove literal '{IMAGE_PAD}' / '{VIDEO_PAD}' from the text, "
-                             "or use a chat template that writes one placeholder per media part.")
-        images, videos = iter(image_tokens), iter(video_texts)
-        return _PADS.sub(lambda m: IMAGE_PAD * next(images) if m.group(0) == IMAGE_PAD else next(videos), text)
 
 
 __all__ = ["Qwen3VLAdapter", "temporal_patch_times", "video_placeholder"]

@@ -43,6 +43,7 @@ class QwenVLAdapter(HFChatAdapter):
     """
 
     model_type = "qwen2_vl"
+    family_name = "Qwen2-VL"  # in error messages
 
     def __init__(self, processor, *, system_prompt: str | None = None, image=None, video=None,
                  audio=None, model_type: str | None = None):
@@ -69,20 +70,20 @@ class QwenVLAdapter(HFChatAdapter):
         """
         where = f"sample {sample.id}"
         if sample.media("audio"):
-            raise MediaError(f"{where}: audio parts need an audio model (e.g. tiny:qwen2_audio); "
-                             "Qwen2-VL models take text, images and videos.")
+            raise MediaError(f"{where}: audio parts need an audio model (e.g. tiny:qwen2_audio or "
+                             f"tiny:qwen2_5_omni); {self.family_name} models take text, images and videos.")
         text = self.processor.apply_chat_template(
             to_hf_messages(sample, self.system_prompt), add_generation_prompt=True, tokenize=False)
         media: dict[str, torch.Tensor] = {}
         raw: dict[str, list] = {}
         image_tokens = self._images(sample, where, media, raw)
-        video_tokens = self._videos(sample, where, media, raw)
-        text = self._expand(text, image_tokens, video_tokens, where)
+        videos = self._videos(sample, where, media, raw)
+        text = self._expand(text, image_tokens, [v for v, _ in videos], where)
         input_ids = self.tokenizer([text], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         types = torch.zeros_like(input_ids)
         types[input_ids == self.image_token_id] = 1
         types[input_ids == self.video_token_id] = 2
-        for kind, code, counts in (("image", 1, image_tokens), ("video", 2, video_tokens)):
+        for kind, code, counts in (("image", 1, image_tokens), ("video", 2, [n for _, n in videos])):
             if int((types == code).sum()) != sum(counts):
                 raise MediaError(f"{where}: the tokenized prompt holds {int((types == code).sum())} {kind} "
                                  f"tokens where its {len(counts)} {kind}(s) need {sum(counts)}. Fix: keep "
@@ -101,7 +102,8 @@ class QwenVLAdapter(HFChatAdapter):
         merge = self.image_processor.merge_size ** 2
         return [int(g.prod()) // merge for g in out["image_grid_thw"]]
 
-    def _videos(self, sample: Sample, where: str, media: dict, raw: dict) -> list[int]:
+    def _videos(self, sample: Sample, where: str, media: dict, raw: dict) -> list[tuple[str, int]]:
+        """Video tensors into `media`; returns each video's (text replacing its pad, video tokens)."""
         parts = sample.media("video")
         if not parts:
             return []
@@ -118,7 +120,7 @@ class QwenVLAdapter(HFChatAdapter):
         if self.sends_second_per_grid:
             media["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
         merge = self.image_processor.merge_size ** 2
-        return [int(g.prod()) // merge for g in media["video_grid_thw"]]
+        return [(VIDEO_PAD * (int(g.prod()) // merge), int(g.prod()) // merge) for g in media["video_grid_thw"]]
 
     def load_clip(self, part: Part, where: str):
         """Decode a video part with its own fps / max_frames / start / end, else the config's."""
@@ -133,17 +135,18 @@ class QwenVLAdapter(HFChatAdapter):
         return {"max_pixels": max_pixels, "total_pixels": total_pixels}
 
     @staticmethod
-    def _expand(text: str, image_tokens: list[int], video_tokens: list[int], where: str) -> str:
-        """Replace the i-th image / video pad of the template by that item's token count."""
+    def _expand(text: str, image_tokens: list[int], video_texts: list[str], where: str) -> str:
+        """Replace the i-th image pad of the template by that image's pads, the i-th video pad by
+        that video's text (its pads; Qwen3-VL's also carry timestamps)."""
         found = _PADS.findall(text)
         n_images, n_videos = found.count(IMAGE_PAD), found.count(VIDEO_PAD)
-        if (n_images, n_videos) != (len(image_tokens), len(video_tokens)):
+        if (n_images, n_videos) != (len(image_tokens), len(video_texts)):
             raise MediaError(f"{where}: the prompt has {n_images} image and {n_videos} video placeholder(s) "
-                             f"but the sample has {len(image_tokens)} image and {len(video_tokens)} video "
+                             f"but the sample has {len(image_tokens)} image and {len(video_texts)} video "
                              f"part(s). Fix: remove literal '{IMAGE_PAD}' / '{VIDEO_PAD}' from the text, "
                              "or use a chat template that writes one placeholder per media part.")
-        counts = {IMAGE_PAD: iter(image_tokens), VIDEO_PAD: iter(video_tokens)}
-        return _PADS.sub(lambda m: m.group(0) * next(counts[m.group(0)]), text)
+        images, videos = iter(image_tokens), iter(video_texts)
+        return _PADS.sub(lambda m: IMAGE_PAD * next(images) if m.group(0) == IMAGE_PAD else next(videos), text)
 
 
 class Qwen2_5_VLAdapter(QwenVLAdapter):
