@@ -9,8 +9,8 @@ vLLM pins its own torch and transformers, so the engine runs in vLLM's environme
 - `mode=server`: the engine was started by you (other GPUs or nodes); `rollout.vllm.url`.
 
 Every rank sends its own prompts; the engine serialises them. The prompt is the trainer's: its
-token ids (each media placeholder run collapsed to one token, which vLLM expands again from the
-media) and its media as the adapter decoded, sampled and sized them (images, video frames with
+token ids (each media span written as vLLM writes it before expanding it again from the media:
+`vllm_media.engine_prompt`) and its media as the adapter decoded, sampled and sized them (images, video frames with
 their fps, audio waveforms: `vllm_media`), and the engine's expanded prompt is checked equal to
 the trainer's. The log-probs returned are those of the distribution sampled from (vLLM's
 processed log-probs: suppression, repetition penalty, temperature, top-k, top-p); the trainer
@@ -41,8 +41,8 @@ import torch
 
 from lightrft_mm.errors import RolloutError
 from lightrft_mm.rollout.hf import Rollouts, SamplingParams, completion_mask_from
-from lightrft_mm.rollout.vllm_media import (NO_VIDEO_FAMILIES, audio_window_problem, gemma3_prompt, prompt_media,
-                                            qwen3_video_prompt, span_prompt)
+from lightrft_mm.rollout.vllm_media import compact_prompt  # noqa: F401 (vllm.compact_prompt, as before)
+from lightrft_mm.rollout.vllm_media import NO_VIDEO_FAMILIES, audio_window_problem, engine_prompt, prompt_media
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,6 @@ def weight_files(named, *, model_type: str, dtype: torch.dtype, lora_scaling: fl
         yield save(chunk)
 
 
-def compact_prompt(ids: list[int], placeholder_ids: set[int]) -> list[int]:
-    """Each run of one media placeholder token collapsed to a single token (vLLM expands it)."""
-    out = []
-    for t in ids:
-        if not (out and t == out[-1] and t in placeholder_ids):
-            out.append(t)
-    return out
-
-
 class VLLMRolloutEngine:
     """`RolloutEngine` over a vLLM engine process (see the module docstring).
 
@@ -230,27 +221,13 @@ class VLLMRolloutEngine:
         self.sync_seconds = 0.0
 
     def _engine_prompt(self, ids: list[int], enc) -> tuple[list[int], list[list[float]] | None]:
-        """The trainer's prompt with its media placeholders as vLLM expands them again, and (Qwen3-VL)
-        the times of each video's temporal patches its text gives."""
-        tok = self.adapter.tokenizer
-        if self.model_type == "gemma3":
-            return gemma3_prompt(ids, tok, boi=tok.convert_tokens_to_ids(tok.boi_token),
-                                 eoi=tok.convert_tokens_to_ids(tok.eoi_token)), None
-        if self.model_type == "internvl":
-            return span_prompt(ids, start=tok.start_image_token_id, pad=tok.context_image_token_id,
-                               end=tok.end_image_token_id), None
-        times = None
-        if self.model_type == "qwen3_vl" and enc.raw.get("video"):
-            start, pad, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|video_pad|>", "<|vision_end|>"])
-            got = qwen3_video_prompt(ids, [int(g[0]) for g in enc.media["video_grid_thw"]], pad=pad, start=start,
-                                     end=end, tokenizer=tok)
-            if got is None:
-                raise RolloutError("rollout.engine=vllm: a Qwen3-VL video prompt does not hold its videos as "
-                                   "<|vision_start|> + per temporal patch '<t seconds><|vision_start|>' + video pads + "
-                                   "<|vision_end|>, then <|vision_end|> (the adapter's form, which vLLM rebuilds). "
-                                   "Fix: keep those tokens out of the text and the chat template.")
-            ids, times = got
-        return compact_prompt(ids, self.placeholder_ids), times
+        got = engine_prompt(ids, enc, self.model_type, self.adapter.tokenizer, self.placeholder_ids)
+        if got is None:
+            raise RolloutError("rollout.engine=vllm: a Qwen3-VL video prompt does not hold its videos as "
+                               "<|vision_start|> + per temporal patch '<t seconds><|vision_start|>' + video pads + "
+                               "<|vision_end|>, then <|vision_end|> (the adapter's form, which vLLM rebuilds). "
+                               "Fix: keep those tokens out of the text and the chat template.")
+        return got
 
     # -- transport -----------------------------------------------------------------------------
     def _request(self, method: str, path: str, body=None, *, raw: bytes | None = None,

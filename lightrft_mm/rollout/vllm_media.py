@@ -5,17 +5,23 @@ see the same items, so that vLLM's expansion of the prompt and its pixel values 
 the trainer's:
 
 - images: the PIL images the processor was given, as PNG (lossless);
-- videos (Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni): the frames the adapter sampled, resized to the grid the
-  adapter's processor chose (`video_grid_thw` x patch size, with the same PIL resampler), as PNG,
-  with the sampled fps when the family uses it (Qwen2.5-VL's `second_per_grid_ts` is
-  temporal_patch / fps). vLLM gets them with `do_sample_frames=False`, and `QwenVideoProcessor`
-  (installed into the engine's Qwen-VL processors by `vllm_shims`) turns them into patches with
-  the trainer's own code (`processors.video.qwen_video_inputs`): frames already at the grid are
-  not resampled again, so the values are the trainer's bit for bit;
-- audio (Qwen2-Audio): the mono float32 waveform at the feature extractor's rate, raw.
+- videos (Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni / Qwen3-VL): the frames the adapter sampled,
+  resized to the grid the adapter's processor chose (`video_grid_thw` x patch size, with the same
+  PIL resampler), as PNG, with the sampled fps when the family uses it (Qwen2.5-VL's
+  `second_per_grid_ts` and Qwen2.5-Omni's `video_second_per_grid` are temporal_patch / fps;
+  Qwen3-VL gets frame indices and an fps from which vLLM writes the trainer's own `<t seconds>`
+  text). vLLM gets them with `do_sample_frames=False`, and `QwenVideoProcessor` (installed into
+  the engine's Qwen processors by `vllm_shims`) turns them into patches with the trainer's own
+  code (`processors.video.qwen_video_inputs`): frames already at the grid are not resampled
+  again, so the values are the trainer's bit for bit;
+- audio (Qwen2-Audio, Qwen2.5-Omni): the mono float32 waveform at the feature extractor's rate, raw.
 
-`prompt_media` runs in the trainer; `engine_media` and `QwenVideoProcessor` run in vLLM's
-environment (numpy, PIL and torch only, plus `processors.video`).
+The prompt is the trainer's token ids with each media span as vLLM writes it before expanding
+(`engine_prompt`: one placeholder per run; InternVL's `<img>...</img>` and Gemma 3's
+newline-wrapped image folded to their one token; a Qwen3-VL video to one pad).
+
+`prompt_media` and `engine_prompt` run in the trainer; `engine_media` and `QwenVideoProcessor`
+run in vLLM's environment (numpy, PIL and torch only, plus `processors.video`).
 """
 
 from __future__ import annotations
@@ -70,6 +76,36 @@ def prompt_media(enc, adapter, *, video_times: list[list[float]] | None = None) 
         out["audios"] = [{"data": base64.b64encode(np.asarray(a, dtype="<f4").tobytes()).decode(),
                           "sampling_rate": rate} for a in enc.raw["audio"]]
     return out
+
+
+def compact_prompt(ids: list[int], placeholder_ids: set[int]) -> list[int]:
+    """Each run of one media placeholder token collapsed to a single token (vLLM expands it)."""
+    out = []
+    for t in ids:
+        if not (out and t == out[-1] and t in placeholder_ids):
+            out.append(t)
+    return out
+
+
+def engine_prompt(ids: list[int], enc, model_type: str, tok, placeholder_ids: set[int]):
+    """The trainer's prompt with its media placeholders as vLLM expands them again, and (Qwen3-VL)
+    the times of each video's temporal patches its text gives (else None); None where a Qwen3-VL
+    prompt does not hold its videos in the adapter's form (`qwen3_video_prompt`)."""
+    if model_type == "gemma3":
+        return gemma3_prompt(ids, tok, boi=tok.convert_tokens_to_ids(tok.boi_token),
+                             eoi=tok.convert_tokens_to_ids(tok.eoi_token)), None
+    if model_type == "internvl":
+        return span_prompt(ids, start=tok.start_image_token_id, pad=tok.context_image_token_id,
+                           end=tok.end_image_token_id), None
+    times = None
+    if model_type == "qwen3_vl" and enc.raw.get("video"):
+        start, pad, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|video_pad|>", "<|vision_end|>"])
+        got = qwen3_video_prompt(ids, [int(g[0]) for g in enc.media["video_grid_thw"]], pad=pad, start=start,
+                                 end=end, tokenizer=tok)
+        if got is None:
+            return None
+        ids, times = got
+    return compact_prompt(ids, placeholder_ids), times
 
 
 def span_prompt(ids: list[int], *, start: int, pad: int, end: int) -> list[int]:
@@ -337,5 +373,5 @@ class QwenVideoProcessor(dict):
         return t * (h // self.patch_size) * (w // self.patch_size)
 
 
-__all__ = ["NO_VIDEO_FAMILIES", "QwenVideoProcessor", "audio_window_problem", "engine_media",
-           "gemma3_prompt", "processor_kwargs", "prompt_media", "qwen3_video_prompt", "span_prompt"]
+__all__ = ["NO_VIDEO_FAMILIES", "QwenVideoProcessor", "audio_window_problem", "compact_prompt", "engine_media",
+           "engine_prompt", "gemma3_prompt", "processor_kwargs", "prompt_media", "qwen3_video_prompt", "span_prompt"]

@@ -10,11 +10,11 @@ Where torchvision cannot be installed (CPU machines with torch 2.13: DESIGN §10
 - transformers' processors that list a video processor fail to build without one (it needs
   torchvision): they are built without it.
 
-Everywhere (torchvision or not), the Qwen2-VL / Qwen2.5-VL processors get
-`vllm_media.QwenVideoProcessor`, the trainer's own video math on the frames the trainer sampled,
-so the engine's video patches are the trainer's; other processors that want a video processor
-get `NoVideoProcessor` where torchvision is absent (no family the trainer serves with vLLM has
-videos there).
+Everywhere (torchvision or not), the Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni / Qwen3-VL processors
+get `vllm_media.QwenVideoProcessor`, the trainer's own video math on the frames the trainer
+sampled, so the engine's video patches are the trainer's; other processors that want a video
+processor get `NoVideoProcessor` where torchvision is absent (no other family the trainer serves
+with vLLM has videos there).
 """
 
 from __future__ import annotations
