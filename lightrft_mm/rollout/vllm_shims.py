@@ -83,7 +83,7 @@ def patch_processors(module, *, drop_video: bool) -> None:
 
             self.video_processor = QwenVideoProcessor(self.image_processor)
         elif getattr(self, "video_processor", None) is None:
-            self.video_processor = NoVideoProcessor(getattr(self, "image_processor", None))
+            self.video_processor = NoVideoProcessor()
 
     mixin.__init__ = __init__
     mixin._lightrft_patched = True
@@ -109,19 +109,10 @@ class NoVideoProcessor(dict):
     processing a video with it raises."""
 
     valid_kwargs = type("NoVideoKwargs", (), {"__annotations__": {}})  # no keyword accepted
-    # vLLM's Qwen3-VL / Qwen3.5 size their encoder budget for a video from these even when no
-    # video is allowed (`get_max_video_tokens`): the image processor's.
-    GEOMETRY = ("size", "patch_size", "merge_size", "temporal_patch_size")
-
-    def __init__(self, image_processor=None):
-        super().__init__()
-        for name in self.GEOMETRY:
-            if hasattr(image_processor, name):
-                setattr(self, name, getattr(image_processor, name))
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("this CPU vLLM engine has no video processor for this model family (torchvision is "
-                           "absent; only Qwen2-VL / Qwen2.5-VL get one of lightrft_mm's). "
+                           "absent; only the Qwen-VL / Omni processors get one of lightrft_mm's). "
                            "Fix: rollout.engine=hf for its video data.")
 
 
