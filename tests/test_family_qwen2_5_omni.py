@@ -280,25 +280,3 @@ def test_one_step_trains_every_part_the_batch_uses(media, tmp_path, use_audio):
     unused = ["model.audio_tower.audio_bos_eos_token.weight"]
     audio = sorted(n for n, _ in before.named_parameters() if n.startswith("model.audio_tower."))
     assert still == (unused if use_audio else audio)
-
-
-@pytest.mark.slow
-def test_colour_demo_learns(tmp_path):
-    from lightrft_mm.demo import run_demo
-
-    data = tmp_path / "data"
-    summary = run_demo("recipes/demo/colors.yaml", [
-        f"model.name_or_path=tiny:{FAMILY}", f"data.train=[{data / 'train'}]", f"data.eval=[{data / 'heldout'}]",
-        f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false", "logging.plot=false"])
-    assert summary["before"] <= 0.35 and summary["after"] >= 0.80, summary["line"]
-
-
-@pytest.mark.slow
-def test_audio_demo_learns(tmp_path):
-    from lightrft_mm.demo import run_demo
-
-    data = tmp_path / "data"
-    summary = run_demo("recipes/demo/audio.yaml", [
-        f"model.name_or_path=tiny:{FAMILY}", f"data.train=[{data / 'train'}]", f"data.eval=[{data / 'heldout'}]",
-        f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false", "logging.plot=false"], task="higher_tone")
-    assert summary["before"] <= 0.62 and summary["after"] >= 0.85, summary["line"]

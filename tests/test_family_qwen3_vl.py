@@ -273,18 +273,6 @@ def test_one_training_step_changes_every_parameter(tmp_path):
     assert unchanged == []
 
 
-@pytest.mark.slow
-def test_demo_learns(tmp_path):
-    from lightrft_mm.demo import run_demo
-
-    data = tmp_path / "data"
-    summary = run_demo("recipes/demo/colors.yaml", [
-        f"model.name_or_path=tiny:{FAMILY}", f"data.train=[{data / 'train'}]", f"data.eval=[{data / 'heldout'}]",
-        f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false", "logging.plot=false"])
-    assert summary["before"] <= 0.35, summary["line"]
-    assert summary["after"] >= 0.80, summary["line"]
-
-
 def test_deepstack_mergers_are_projectors(tiny):
     """model.freeze=[vision] keeps the DeepStack mergers training with the main merger (both map
     vision features into the text model), and the FSDP2 / ZeRO plans wrap each as a unit."""

@@ -22,6 +22,11 @@ TAKES = {
     "llava": {"image", "multi_image", "text"},
     "llava_next": {"image", "multi_image", "text"},
     "qwen2_audio": {"audio", "text"},
+    "qwen3_vl": {"image", "multi_image", "video", "text"},
+    "qwen3_5": {"image", "multi_image", "video", "text"},
+    "qwen2_5_omni": {"image", "multi_image", "video", "audio", "text"},
+    "internvl": {"image", "multi_image", "video", "text"},
+    "gemma3": {"image", "multi_image", "text"},
 }
 
 
