@@ -79,6 +79,11 @@ STRATEGY_CASES = {
     "fsdp2-qwen2_audio": ["strategy.name=fsdp2", "model.name_or_path=tiny:qwen2_audio"],
     "zero3-qwen2_audio": ["strategy.name=deepspeed", "strategy.zero_stage=3", "model.name_or_path=tiny:qwen2_audio"],
     "zero2-qwen2_vl": ["strategy.name=deepspeed", "strategy.zero_stage=2", "model.name_or_path=tiny:qwen2_vl"],
+    # The families of issue 16: DeepStack mergers, Gated DeltaNet, the thinker's towers, tiles, SigLIP.
+    **{f"fsdp2-{f}": ["strategy.name=fsdp2", f"model.name_or_path=tiny:{f}"]
+       for f in ("qwen3_vl", "qwen3_5", "qwen2_5_omni", "internvl", "gemma3")},
+    "zero3-qwen3_vl": ["strategy.name=deepspeed", "strategy.zero_stage=3", "model.name_or_path=tiny:qwen3_vl"],
+    "zero3-gemma3": ["strategy.name=deepspeed", "strategy.zero_stage=3", "model.name_or_path=tiny:gemma3"],  # tied head
     # LoRA: adapters and their frozen base layers inside the same sharded units.
     "fsdp2-lora": ["strategy.name=fsdp2", "model.lora.r=4", "model.lora.parts=[llm, vision]"],
     "zero2-lora": ["strategy.name=deepspeed", "strategy.zero_stage=2", "model.lora.r=4"],
