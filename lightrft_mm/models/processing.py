@@ -1,9 +1,9 @@
 """Processors that work without torchvision.
 
-transformers' Qwen2-VL processor insists on a video processor, and its video processors need
-torchvision, which has no wheel for the CPU torch pinned here. For image and text prompts the
-image-only variant below behaves exactly like `Qwen2VLProcessor` (same tokens, same
-`pixel_values` / `image_grid_thw` / `mm_token_type_ids`).
+transformers' Qwen2-VL and Qwen3-VL processors insist on a video processor, and their video
+processors need torchvision, which has no wheel for the CPU torch pinned here. For image and
+text prompts the image-only variants below behave exactly like `Qwen2VLProcessor` /
+`Qwen3VLProcessor` (same tokens, same `pixel_values` / `image_grid_thw` / `mm_token_type_ids`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,29 @@ def qwen_vl_image_processor_class():
             return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
 
     return Qwen2VLImageOnlyProcessor
+
+
+@lru_cache(maxsize=None)
+def qwen3_vl_image_processor_class():
+    """`Qwen3VLImageOnlyProcessor`: `Qwen3VLProcessor` for images and text, without the video
+    processor (which needs torchvision); saved as the stock class."""
+    from transformers import Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
+        """`Qwen3VLProcessor` without a video processor; videos go through lightrft_mm's adapter."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            for name, token in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"),
+                                ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>")):
+                setattr(self, f"{name}_token", token)
+                setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def to_dict(self):
+            return {**super().to_dict(), "processor_class": "Qwen3VLProcessor"}
+
+    return Qwen3VLImageOnlyProcessor
 
 
 def load_processor(path: str | Path, *, trust_remote_code: bool = False):
@@ -79,7 +102,7 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False):
 IMAGE_ONLY = {
     "Qwen2VLProcessor": "lightrft_mm.models.processing:qwen_vl_image_processor_class",
     "Qwen2_5_VLProcessor": "lightrft_mm.models.processing:qwen_vl_image_processor_class",
-    "Qwen3VLProcessor": "lightrft_mm.models.tiny_qwen3_vl:image_only_processor_class",
+    "Qwen3VLProcessor": "lightrft_mm.models.processing:qwen3_vl_image_processor_class",
     "InternVLProcessor": "lightrft_mm.processors.internvl:internvl_image_processor_class",
     "Qwen2_5OmniProcessor": "lightrft_mm.processors.qwen_omni:Qwen2_5OmniNoVideoProcessor",
 }

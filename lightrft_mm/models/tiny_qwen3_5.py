@@ -8,7 +8,7 @@ layer, then one full-attention layer) and transformers' torch fallbacks run them
 causal-conv1d kernels on CPU).
 
 The processor is Qwen3.5's real one, `Qwen3VLProcessor`, without its video processor (which
-needs torchvision; `lightrft_mm.models.tiny_qwen3_vl.image_only_processor_class`), with Qwen3-VL's
+needs torchvision; `lightrft_mm.models.processing.qwen3_vl_image_processor_class`), with Qwen3-VL's
 chat template: an image part is `<|vision_start|><|image_pad|><|vision_end|>`, the pad expanded to
 the image's merged-token count (grid t*h*w / 4); videos get their per-frame text timestamps from
 the adapter (`lightrft_mm.processors.qwen3_5.Qwen3_5Adapter`).
@@ -54,7 +54,8 @@ def build(tok, text: dict, image_size: int):
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from lightrft_mm.models.tiny_qwen3_vl import CHAT_TEMPLATE, image_only_processor_class
+    from lightrft_mm.models.processing import qwen3_vl_image_processor_class
+    from lightrft_mm.models.tiny_qwen3_vl import CHAT_TEMPLATE
 
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     # Rotary on half of each head (real: a quarter of 256); the rotary half-dimension (8) is
@@ -83,6 +84,6 @@ def build(tok, text: dict, image_size: int):
     image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH,
                                                merge_size=MERGE, temporal_patch_size=2,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    processor = image_only_processor_class()(image_processor=image_processor, tokenizer=tok,
-                                             chat_template=CHAT_TEMPLATE)
+    processor = qwen3_vl_image_processor_class()(image_processor=image_processor, tokenizer=tok,
+                                                 chat_template=CHAT_TEMPLATE)
     return model, processor

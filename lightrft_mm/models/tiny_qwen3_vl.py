@@ -16,26 +16,16 @@ timestamps, by hand.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from lightrft_mm.models.processing import qwen3_vl_image_processor_class
+from lightrft_mm.models.tiny import QWEN_CHAT_TEMPLATE
 
 SPECIAL_TOKENS: list[str] = []  # Qwen3-VL's vision tokens are the shared Qwen ones
 # The words of video timestamps ("<0.5 seconds>"), so a timestamp is a few BPE tokens.
 EXTRA_CORPUS = "\n".join(f"<{t / 2:.1f} seconds>" for t in range(0, 40)) + "\nseconds second frame\n"
 
 # Qwen3-VL-Instruct's chat template for text, image and video parts (no default system turn;
-# tools and the Thinking variant's reasoning are left out).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# tools and the Thinking variant's reasoning are left out) is the Qwen2-VL one.
+CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE
 
 PATCH = 16
 MERGE = 2
@@ -48,29 +38,6 @@ VISION_DEPTH = 2
 DEEPSTACK = [0]
 # Learned vision positions on an 8 x 8 grid (the 8B model: 48 x 48), bilinearly resampled per image.
 POSITION_GRID = 8
-
-
-@lru_cache(maxsize=None)
-def image_only_processor_class():
-    """`Qwen3VLImageOnlyProcessor`: `Qwen3VLProcessor` for images and text, without the video
-    processor (which needs torchvision); saved as the stock class."""
-    from transformers import Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
-        """`Qwen3VLProcessor` without a video processor; videos go through lightrft_mm's adapter."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            for name, token in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"),
-                                ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>")):
-                setattr(self, f"{name}_token", token)
-                setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-        def to_dict(self):
-            return {**super().to_dict(), "processor_class": "Qwen3VLProcessor"}
-
-    return Qwen3VLImageOnlyProcessor
 
 
 def build(tok, text: dict, image_size: int):
@@ -106,9 +73,9 @@ def build(tok, text: dict, image_size: int):
     image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=PATCH,
                                                merge_size=MERGE, temporal_patch_size=2,
                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    processor = image_only_processor_class()(image_processor=image_processor, tokenizer=tok,
-                                             chat_template=CHAT_TEMPLATE)
+    processor = qwen3_vl_image_processor_class()(image_processor=image_processor, tokenizer=tok,
+                                                 chat_template=CHAT_TEMPLATE)
     return model, processor
 
 
-__all__ = ["CHAT_TEMPLATE", "EXTRA_CORPUS", "SPECIAL_TOKENS", "build", "image_only_processor_class"]
+__all__ = ["CHAT_TEMPLATE", "EXTRA_CORPUS", "SPECIAL_TOKENS", "build"]
