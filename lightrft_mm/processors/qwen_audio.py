@@ -63,24 +63,42 @@ class Qwen2AudioAdapter(HFChatAdapter):
 
     def load(self, part: Part, sample: Sample) -> np.ndarray:
         """Decode one audio part: mono float32 at the model's rate, within both length limits."""
-        from lightrft_mm.processors.audio import load_audio
-
-        where = f"sample {sample.id}"
-        cfg = self.audio_cfg
-        window = self.window_seconds
-        if window < cfg.max_seconds:
-            # The model cannot hear past its window: the limit is the window, with the fix for it.
-            where = (f"{where} (the model hears at most {window:g} s, its feature extractor's "
-                     f"chunk_length; audio.max_seconds={cfg.max_seconds:g} is above that, so "
-                     f"{window:g} s applies)")
-        audio = load_audio(part.audio, sampling_rate=self.sampling_rate, start=part.start, end=part.end,
-                           max_seconds=min(cfg.max_seconds, window), on_too_long=cfg.on_too_long, where=where)
-        seconds = len(audio) / self.sampling_rate
-        if seconds < MIN_SECONDS:
-            raise MediaError(f"sample {sample.id}: audio {part.audio} is {seconds:.3f} s long"
-                             f"{' after start/end' if part.start is not None or part.end is not None else ''}; "
-                             f"the model needs at least {MIN_SECONDS:g} s. Fix: widen start/end or drop the part.")
-        return audio
+        return load_for_model(part.audio, part, f"sample {sample.id}", audio_cfg=self.audio_cfg,
+                              sampling_rate=self.sampling_rate, window_seconds=self.window_seconds)
 
 
-__all__ = ["Qwen2AudioAdapter", "MIN_SECONDS"]
+def load_for_model(source, part: Part, where: str, *, audio_cfg, sampling_rate: int,
+                   window_seconds: float) -> np.ndarray:
+    """Decode audio (a file, or a video's track) for an audio model (Qwen2-Audio, Qwen2.5-Omni).
+
+    Args:
+        source: the audio (or video) file.
+        part: the sample's part, for its start / end.
+        where: names the sample in errors.
+        audio_cfg: the `AudioConfig` section (`max_seconds`, `on_too_long`).
+        sampling_rate, window_seconds: the feature extractor's rate and window (`chunk_length`).
+
+    Returns:
+        Mono float32 at `sampling_rate`, within audio.max_seconds and the window; MediaError when
+        it is shorter than MIN_SECONDS.
+    """
+    from lightrft_mm.processors.audio import load_audio
+
+    context = where
+    if window_seconds < audio_cfg.max_seconds:
+        # The model cannot hear past its window: the limit is the window, with the fix for it.
+        context = (f"{where} (the model hears at most {window_seconds:g} s, its feature extractor's "
+                   f"chunk_length; audio.max_seconds={audio_cfg.max_seconds:g} is above that, so "
+                   f"{window_seconds:g} s applies)")
+    audio = load_audio(source, sampling_rate=sampling_rate, start=part.start, end=part.end,
+                       max_seconds=min(audio_cfg.max_seconds, window_seconds), on_too_long=audio_cfg.on_too_long,
+                       where=context)
+    seconds = len(audio) / sampling_rate
+    if seconds < MIN_SECONDS:
+        cut = " after start/end" if part.start is not None or part.end is not None else ""
+        raise MediaError(f"{where}: the audio of {source} is {seconds:.3f} s long{cut}; the model needs at least "
+                         f"{MIN_SECONDS:g} s. Fix: widen start/end or drop the part.")
+    return audio
+
+
+__all__ = ["Qwen2AudioAdapter", "MIN_SECONDS", "load_for_model"]

@@ -31,8 +31,9 @@ from transformers.processing_utils import ProcessorMixin
 
 from lightrft_mm.errors import MediaError, ModelError
 from lightrft_mm.processors.adapter import HFChatAdapter, PromptEncoding, load_image, to_hf_messages
-from lightrft_mm.processors.qwen_audio import MIN_SECONDS
-from lightrft_mm.processors.video import default_video_pixels, load_video, qwen_video_inputs
+from lightrft_mm.processors.qwen_audio import load_for_model
+from lightrft_mm.processors.qwen_vl import QwenVLAdapter
+from lightrft_mm.processors.video import qwen_video_inputs
 from lightrft_mm.schema import Part, Sample
 
 IMAGE, VIDEO, AUDIO = "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"
@@ -233,17 +234,9 @@ class QwenOmniAdapter(HFChatAdapter):
                                  f"'{token}' tokens where its media need {want}. Fix: keep '{token}' out of the "
                                  "text and the chat template.")
 
-    def load_clip(self, part: Part, where: str):
-        """Decode a video part with its own fps / max_frames / start / end, else the config's."""
-        return load_video(part.video, fps=part.fps or self.video_cfg.fps,
-                          max_frames=part.max_frames or self.video_cfg.max_frames,
-                          start=part.start, end=part.end, backend=self.video_cfg.backend,
-                          temporal_patch=self.image_processor.temporal_patch_size, where=where)
-
-    def video_pixels(self) -> dict:
-        """qwen-vl-utils' per-frame and whole-video pixel budgets (on top of the processor's)."""
-        max_pixels, total_pixels = default_video_pixels(self.image_processor)
-        return {"max_pixels": max_pixels, "total_pixels": total_pixels}
+    # Video parts are decoded, and their pixel budgets set, as for Qwen2-VL / Qwen2.5-VL.
+    load_clip = QwenVLAdapter.load_clip
+    video_pixels = QwenVLAdapter.video_pixels
 
     def _track(self, part: Part, where: str) -> np.ndarray:
         """The audio track of a video part (video.use_audio), over the part's start / end."""
@@ -257,21 +250,9 @@ class QwenOmniAdapter(HFChatAdapter):
                              "with sound.") from e
 
     def load_audio(self, source, part: Part, where: str) -> np.ndarray:
-        """Decode audio (a file, or a video's track): mono float32 at the model's rate, within
-        `audio.max_seconds` and the model's window."""
-        from lightrft_mm.processors.audio import load_audio
-
-        cfg, window = self.audio_cfg, self.window_seconds
-        context = where
-        if window < cfg.max_seconds:
-            context = (f"{where} (the model hears at most {window:g} s, its feature extractor's chunk_length; "
-                       f"audio.max_seconds={cfg.max_seconds:g} is above that, so {window:g} s applies)")
-        audio = load_audio(source, sampling_rate=self.sampling_rate, start=part.start, end=part.end,
-                           max_seconds=min(cfg.max_seconds, window), on_too_long=cfg.on_too_long, where=context)
-        if len(audio) / self.sampling_rate < MIN_SECONDS:
-            raise MediaError(f"{where}: the audio of {source} is {len(audio) / self.sampling_rate:.3f} s long; the "
-                             f"model needs at least {MIN_SECONDS:g} s. Fix: widen start/end or drop the part.")
-        return audio
+        """Decode audio (a file, or a video's track) as Qwen2-Audio's adapter does."""
+        return load_for_model(source, part, where, audio_cfg=self.audio_cfg, sampling_rate=self.sampling_rate,
+                              window_seconds=self.window_seconds)
 
 
 __all__ = ["AudioInVideo", "Qwen2_5OmniNoVideoProcessor", "QwenOmniAdapter", "audio_tokens", "chunk_bounds"]
