@@ -31,7 +31,8 @@ from lightrft_mm.rollout.vllm_media import gemma3_prompt, prompt_media, qwen3_vi
 from lightrft_mm.schema import Sample
 from lightrft_mm.strategy import STRATEGIES
 from tests.test_rollout import _processed_logps
-from tests.test_vllm import GREEDY, _assert_same_as_hf, _user, media_files, vllm_env  # noqa: F401 (fixtures)
+from tests.test_vllm import GREEDY, _user, media_files, vllm_env  # noqa: F401 (fixtures)
+from tests.test_vllm import test_greedy_matches_hf_and_a_weight_sync_takes_effect_exactly as _greedy_and_sync
 
 # The new families vLLM 0.32 serves (each also in vllm.FAMILIES); the others are refused.
 SERVED = ("qwen3_vl", "internvl", "qwen2_5_omni")
@@ -96,25 +97,8 @@ def served(request, vllm_env, image_paths, media_files, tmp_path_factory):  # no
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
 def test_greedy_matches_hf_and_a_weight_sync_takes_effect_exactly(served):
-    model, adapter, strategy, engine, prompts = served
-    first = engine.generate(prompts, 1, GREEDY)
-    _assert_same_as_hf(first, model, adapter, prompts)
-
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    engine.sync(strategy)
-    perturbed = engine.generate(prompts, 1, GREEDY)
-    assert not torch.equal(perturbed.sample_logps, first.sample_logps)
-    _assert_same_as_hf(perturbed, model, adapter, prompts)  # the engine serves the new weights, images included
-
-    model.load_state_dict(original)
-    engine.sync(strategy)
-    again = engine.generate(prompts, 1, GREEDY)
-    assert torch.equal(again.completion_ids, first.completion_ids)
-    assert torch.equal(again.sample_logps, first.sample_logps)
+    """test_vllm.py's check (HF parity before and after a perturbed sync, restored exactly) on these families."""
+    _greedy_and_sync(served)
 
 
 @pytest.mark.vllm
