@@ -48,21 +48,24 @@ class Server:
                     mode = server.script.pop(0) if server.script else "ok"
                 try:
                     time.sleep(server.delay if mode != "slow" else 2.0)
-                    inputs = body["inputs"]
-                    if mode == "500":
-                        return self._send(500, b"overloaded")
-                    if mode == "400":
-                        return self._send(400, b"bad request")
-                    if mode == "garbage":
-                        return self._send(200, b"<html>not json</html>")
-                    scores = [{"score": len(x["completion"]), "words": len(x["completion"].split())}
-                              if x["source"] != "skip" else None for x in inputs]
-                    if mode == "short":
-                        scores = scores[:-1]
-                    self._send(200, json.dumps({"scores": scores}).encode())
+                    status, payload = self._answer(mode, body["inputs"])
                 finally:
+                    # Out of flight before the answer is written: the client may send its next
+                    # request as soon as it has read this one, before this thread runs again.
                     with server.lock:
                         server.active -= 1
+                self._send(status, payload)
+
+            def _answer(self, mode, inputs):
+                if mode in ("500", "400"):
+                    return int(mode), b"overloaded" if mode == "500" else b"bad request"
+                if mode == "garbage":
+                    return 200, b"<html>not json</html>"
+                scores = [{"score": len(x["completion"]), "words": len(x["completion"].split())}
+                          if x["source"] != "skip" else None for x in inputs]
+                if mode == "short":
+                    scores = scores[:-1]
+                return 200, json.dumps({"scores": scores}).encode()
 
             def _send(self, status, payload):
                 self.send_response(status)
