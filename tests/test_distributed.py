@@ -52,15 +52,72 @@ def tones(tmp_path_factory) -> Path:
     return prepare_synthetic("higher_tone", tmp_path_factory.mktemp("tones") / "train", n=8, seed=1)
 
 
-def run_parity(tmp_path, colors, overrides: list[str], *, nproc: int) -> dict:
-    out = tmp_path / f"parity-{nproc}-{abs(hash(tuple(overrides)))}.json"
-    if nproc == 1:
-        proc = subprocess.run([sys.executable, str(WORKER), str(out), str(colors), *overrides],
-                              capture_output=True, text=True, timeout=600)
-    else:
-        proc = torchrun([str(WORKER), str(out), str(colors), *overrides], nproc=nproc)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+STRATEGY_KEYS = ("strategy.name=", "strategy.zero_stage=")
+
+
+class ParityRuns:
+    """The parity cases the session selected, run in as few processes as possible: every
+    one-process case in one process, every 2-rank case of a strategy in one torchrun launch
+    (starting a process, importing torch, transformers and DeepSpeed, takes longer than a case).
+    A case is (data, overrides, nproc); `get` runs its whole batch the first time one is asked."""
+
+    def __init__(self, tmp: Path, data: dict[str, Path], cases: list[tuple]):
+        self.tmp, self.data, self.results, self.errors = tmp, data, {}, {}
+        self.batches: dict[tuple, list[tuple]] = {}
+        for case in dict.fromkeys(cases):
+            self.batches.setdefault(self.batch_of(case), []).append(case)
+
+    @staticmethod
+    def batch_of(case: tuple) -> tuple:
+        _, overrides, nproc = case
+        return (1,) if nproc == 1 else (nproc, *sorted(o for o in overrides if o.startswith(STRATEGY_KEYS)))
+
+    def get(self, data: str, overrides: list[str], *, nproc: int) -> dict:
+        case = (data, tuple(overrides), nproc)
+        if case not in self.results and case not in self.errors:
+            self.run(self.batches.get(self.batch_of(case)) or [case])
+        assert case in self.results, self.errors[case]
+        return self.results[case]
+
+    def run(self, cases: list[tuple]) -> None:
+        spec = self.tmp / f"cases-{len(self.results) + len(self.errors)}.json"  # a new name for each batch
+        outs = [self.tmp / f"{spec.stem}-{i}.json" for i in range(len(cases))]
+        spec.write_text(json.dumps([{"out": str(out), "data": str(self.data[data]), "overrides": list(overrides)}
+                                    for out, (data, overrides, _) in zip(outs, cases)]))
+        nproc = cases[0][2]
+        if nproc == 1:
+            proc = subprocess.run([sys.executable, str(WORKER), str(spec)], capture_output=True, text=True,
+                                  timeout=600 + 60 * len(cases))
+        else:
+            proc = torchrun([str(WORKER), str(spec)], nproc=nproc, timeout=600 + 60 * len(cases))
+        for case, out in zip(cases, outs):
+            if out.is_file():
+                self.results[case] = json.loads(out.read_text())
+        if proc.returncode != 0:  # the cases from the failed one on (each test reports it, the batch runs once)
+            failed = next((i for i, case in enumerate(cases) if case not in self.results), len(cases) - 1)
+            for case in cases[failed:]:
+                self.results.pop(case, None)
+                self.errors[case] = f"case {failed + 1} of {len(cases)} failed: {cases[failed]}\n{proc.stderr[-4000:]}"
+
+
+def parity_cases(item) -> list[tuple]:
+    """The parity runs a collected test needs (see ParityRuns)."""
+    params = getattr(item, "callspec", None) and item.callspec.params
+    if item.originalname == "test_two_ranks_match_one_process":
+        overrides = STRATEGY_CASES[params["case"]]
+        data = "tones" if "qwen2_audio" in params["case"] else "colors"
+        return [(data, tuple(o for o in overrides if o.startswith(("algorithm.", "model."))), 1),
+                (data, tuple(overrides), 2)]
+    if item.originalname == "test_bf16_changes_every_parameter_at_lr_1e_6":
+        return [("colors", FP32_AT_LR_1E_6, 1), ("colors", bf16_case(params["strategy"]), params["nproc"])]
+    return []
+
+
+@pytest.fixture(scope="module")
+def parity(request, tmp_path_factory, colors, tones) -> ParityRuns:
+    here = [item for item in request.session.items if item.module is request.module]
+    return ParityRuns(tmp_path_factory.mktemp("parity"), {"colors": colors, "tones": tones},
+                      [case for item in here for case in parity_cases(item)])
 
 
 STRATEGY_CASES = {
@@ -93,12 +150,8 @@ STRATEGY_CASES = {
 
 
 @pytest.mark.parametrize("case", list(STRATEGY_CASES))
-def test_two_ranks_match_one_process(case, tmp_path, colors, request):
-    overrides = STRATEGY_CASES[case]
-    same = [o for o in overrides if o.startswith(("algorithm.", "model."))]
-    data = request.getfixturevalue("tones") if "qwen2_audio" in case else colors
-    single = run_parity(tmp_path, data, same, nproc=1)
-    sharded = run_parity(tmp_path, data, overrides, nproc=2)
+def test_two_ranks_match_one_process(case, request, parity):
+    single, sharded = (parity.get(*c[:2], nproc=c[2]) for c in parity_cases(request.node))
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
     assert sharded["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     assert sharded["changed"] == single["changed"]  # every parameter a step moves in one process moves here
@@ -119,21 +172,22 @@ def test_zero3_refuses_a_model_whose_own_parameters_it_cannot_gather():
     assert "strategy.name=fsdp2" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def fp32_at_lr_1e_6(tmp_path_factory, colors) -> dict:
-    return run_parity(tmp_path_factory.mktemp("fp32"), colors, ["trainer.lr=1e-6"], nproc=1)
+FP32_AT_LR_1E_6 = ("trainer.lr=1e-6",)
+
+
+def bf16_case(strategy: str) -> tuple:
+    return f"strategy.name={strategy}", "strategy.precision=bf16", "trainer.lr=1e-6"
 
 
 @pytest.mark.parametrize("strategy,nproc", [("single", 1), ("fsdp2", 2), ("deepspeed", 2)])
-def test_bf16_changes_every_parameter_at_lr_1e_6(strategy, nproc, tmp_path, colors, fp32_at_lr_1e_6):
+def test_bf16_changes_every_parameter_at_lr_1e_6(strategy, nproc, request, parity):
     """fp32 master weights: a bf16 run's update of lr 1e-6 is not rounded away. Every trainable
     tensor changes, and as many of their elements as in fp32 (the embedding rows of tokens the
     batch does not hold get no gradient in either)."""
-    result = run_parity(tmp_path, colors, [f"strategy.name={strategy}", "strategy.precision=bf16",
-                                           "trainer.lr=1e-6"], nproc=nproc)
+    fp32, result = (parity.get(*c[:2], nproc=c[2]) for c in parity_cases(request.node))
     unchanged = [k for k, v in result["changed"].items() if not v]
     assert not unchanged, f"parameters a bf16 step left unchanged: {unchanged}"
-    assert result["changed_fraction"] >= 0.99 * fp32_at_lr_1e_6["changed_fraction"]
+    assert result["changed_fraction"] >= 0.99 * fp32["changed_fraction"]
 
 
 def test_single_strategy_under_torchrun_is_refused(tmp_path):

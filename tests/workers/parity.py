@@ -1,7 +1,12 @@
 """Worker of tests/test_distributed.py: GRPO updates on one fixed global batch of completions.
 
-    python tests/workers/parity.py OUT.json DATA_DIR [section.key=value ...]
-    torchrun --nproc_per_node 2 tests/workers/parity.py OUT.json DATA_DIR strategy.name=fsdp2
+    python tests/workers/parity.py CASES.json
+    torchrun --nproc_per_node 2 tests/workers/parity.py CASES.json
+
+CASES.json lists the runs, one after another in this process (importing torch, transformers and
+DeepSpeed on each rank takes longer than a case): [{"out": OUT.json, "data": DATA_DIR,
+"overrides": ["strategy.name=fsdp2", ...]}, ...]. A case that fails ends the process, with the
+traceback on stderr; torchrun then stops the other rank.
 
 The global batch (4 prompts x 4 completions, completion tokens and rewards drawn from a fixed
 seed) is the same whatever the world size; rank r takes prompt groups r, r + world, ... as the
@@ -48,7 +53,7 @@ def fixed_batch(adapter, samples, vocab: int) -> tuple[Rollouts, torch.Tensor]:
     return Rollouts(prompts, ids, mask, torch.zeros(ids.shape), [""] * len(ids), N), rewards
 
 
-def main(out: str, data: str, overrides: list[str]) -> None:
+def run_case(out: str, data: str, overrides: list[str], *, last: bool) -> None:
     cfg = load_config(None, ["model.name_or_path=tiny:qwen2_5_vl", "trainer.lr=1e-3", "data.batch_size=4",
                              *overrides])
     strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, max_grad_norm=cfg.trainer.max_grad_norm)
@@ -93,8 +98,17 @@ def main(out: str, data: str, overrides: list[str]) -> None:
         total = sum(before[k].numel() for k in changed)
         Path(out).write_text(json.dumps({**history, "changed": changed, "changed_fraction": elements / total,
                                          "engine_weights_equal": stream_equal}))
-    strategy.close()
+    if last:
+        strategy.close()
+    else:
+        strategy.barrier()  # the next case builds its strategy in the same process group
+
+
+def main(spec: str) -> None:
+    cases = json.loads(Path(spec).read_text())
+    for i, case in enumerate(cases):
+        run_case(case["out"], case["data"], case["overrides"], last=i == len(cases) - 1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1])
