@@ -33,8 +33,11 @@ vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/lightrft-mm demo recipes/demo/colors.yaml
 
+# Tests in TEST_JOBS processes (pytest-xdist), each file in one of them (its module fixtures are
+# built once), each with one thread: on 2 cores this is about 1.2x faster than one process with two.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=30 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 tests
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

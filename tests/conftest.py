@@ -15,6 +15,14 @@ from lightrft_mm.schema import Sample
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lightrft_mm" / "torch_extensions"))
 
 
+def pytest_collection_modifyitems(items):
+    """Files holding end-to-end (`slow`) or `distributed` tests first: `make test` hands whole
+    files to its worker processes in this order, so the long ones start first and the short ones
+    fill in at the end, instead of one worker finishing a long file alone."""
+    long = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("distributed")}
+    items.sort(key=lambda item: item.path not in long)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _run_from_repo_root():
     """Tests name recipes and docs relative to the repository, wherever pytest was started."""
