@@ -286,8 +286,8 @@ class StrategyConfig:
     """How training runs on one or many processes (docs/distributed.md)."""
 
     name: str = opt("single", "Training strategy: single (one process), fsdp2 (PyTorch FSDP2 under torchrun: "
-                    "each decoder layer, vision block, the vision tower, the projector and the embeddings "
-                    "sharded as their own units) or deepspeed (DeepSpeed ZeRO under torchrun; pip install "
+                    "each decoder layer, vision block, the vision tower, the projector and an untied input "
+                    "embedding sharded as their own units) or deepspeed (DeepSpeed ZeRO under torchrun; pip install "
                     "'lightrft_mm[deepspeed]').", choices=("single", "fsdp2", "deepspeed"))
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available). Under torchrun each rank takes the GPU "
                       "of its LOCAL_RANK.", choices=("auto", "cpu", "cuda"))

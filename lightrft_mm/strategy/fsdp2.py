@@ -67,11 +67,8 @@ class FSDP2Strategy(Collectives):
         parts = model_parts(model)
         for module in [*parts.blocks, *parts.projectors, *parts.towers]:
             fully_shard(module, **kwargs)
-        if len(parts.embeddings) == 1:  # an untied input embedding; the head stays in the root
-            fully_shard(parts.embeddings[0], **kwargs)
-        # A tied embedding and head (Gemma 3, Qwen2.5-VL-3B) stay in the root: the loss applies the
-        # head outside the model's forward, and a unit of its own would reduce-scatter the shared
-        # weight's gradient before the embedding's part of it arrived (measured: 7% of the norm lost).
+        if parts.embedding is not None:  # untied; a tied embedding and head stay in the root (ModelParts)
+            fully_shard(parts.embedding, **kwargs)
         # The base model's own parameters are used by its feature methods outside any forward, where
         # a shard cannot be gathered: they stay whole on every rank, their gradients averaged in step().
         self.loose = parts.loose

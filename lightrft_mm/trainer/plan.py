@@ -107,8 +107,8 @@ def largest_unit(model) -> int:
     from lightrft_mm.models.parts import model_parts
 
     parts = model_parts(model)
-    untied = parts.embeddings if len(parts.embeddings) == 1 else []  # a tied pair stays in the root
-    units = [*parts.blocks, *parts.projectors, *parts.towers, *untied, model]
+    embedding = [parts.embedding] if parts.embedding is not None else []  # a tied pair stays in the root
+    units = [*parts.blocks, *parts.projectors, *parts.towers, *embedding, model]
     claimed: set[int] = set()
     sizes = []
     for unit in units:  # bottom up: a unit owns what no unit inside it owns
