@@ -59,7 +59,8 @@ class ParityRuns:
     """The parity cases the session selected, run in as few processes as possible: every
     one-process case in one process, every 2-rank case of a strategy in one torchrun launch
     (starting a process, importing torch, transformers and DeepSpeed, takes longer than a case).
-    A case is (data, overrides, nproc); `get` runs its whole batch the first time one is asked."""
+    A case is (data, overrides, nproc); `get` runs its whole batch the first time one is asked.
+    A batch runs once: when a case fails, it and the cases after it report that failure."""
 
     def __init__(self, tmp: Path, data: dict[str, Path], cases: list[tuple]):
         self.tmp, self.data, self.results, self.errors = tmp, data, {}, {}
@@ -72,16 +73,16 @@ class ParityRuns:
         _, overrides, nproc = case
         return (1,) if nproc == 1 else (nproc, *sorted(o for o in overrides if o.startswith(STRATEGY_KEYS)))
 
-    def get(self, data: str, overrides: list[str], *, nproc: int) -> dict:
-        case = (data, tuple(overrides), nproc)
+    def get(self, case: tuple) -> dict:
+        batch = self.batch_of(case)
         if case not in self.results and case not in self.errors:
-            self.run(self.batches.get(self.batch_of(case)) or [case])
+            self.run(list(self.batches).index(batch), self.batches[batch])
         assert case in self.results, self.errors[case]
         return self.results[case]
 
-    def run(self, cases: list[tuple]) -> None:
-        spec = self.tmp / f"cases-{len(self.results) + len(self.errors)}.json"  # a new name for each batch
-        outs = [self.tmp / f"{spec.stem}-{i}.json" for i in range(len(cases))]
+    def run(self, index: int, cases: list[tuple]) -> None:
+        spec = self.tmp / f"batch-{index}.json"
+        outs = [self.tmp / f"batch-{index}-{i}.json" for i in range(len(cases))]
         spec.write_text(json.dumps([{"out": str(out), "data": str(self.data[data]), "overrides": list(overrides)}
                                     for out, (data, overrides, _) in zip(outs, cases)]))
         nproc = cases[0][2]
@@ -90,14 +91,14 @@ class ParityRuns:
                                   timeout=600 + 60 * len(cases))
         else:
             proc = torchrun([str(WORKER), str(spec)], nproc=nproc, timeout=600 + 60 * len(cases))
-        for case, out in zip(cases, outs):
-            if out.is_file():
-                self.results[case] = json.loads(out.read_text())
-        if proc.returncode != 0:  # the cases from the failed one on (each test reports it, the batch runs once)
-            failed = next((i for i, case in enumerate(cases) if case not in self.results), len(cases) - 1)
-            for case in cases[failed:]:
-                self.results.pop(case, None)
-                self.errors[case] = f"case {failed + 1} of {len(cases)} failed: {cases[failed]}\n{proc.stderr[-4000:]}"
+        # Cases run in order: the written prefix passed; a crash after the last case fails the last.
+        done = next((i for i, out in enumerate(outs) if not out.is_file()), len(cases))
+        if proc.returncode != 0:
+            done = min(done, len(cases) - 1)
+        for case, out in zip(cases[:done], outs):
+            self.results[case] = json.loads(out.read_text())
+        for case in cases[done:]:
+            self.errors[case] = f"case {done + 1} of {len(cases)} failed: {cases[done]}\n{proc.stderr[-4000:]}"
 
 
 def parity_cases(item) -> list[tuple]:
@@ -151,7 +152,7 @@ STRATEGY_CASES = {
 
 @pytest.mark.parametrize("case", list(STRATEGY_CASES))
 def test_two_ranks_match_one_process(case, request, parity):
-    single, sharded = (parity.get(*c[:2], nproc=c[2]) for c in parity_cases(request.node))
+    single, sharded = map(parity.get, parity_cases(request.node))
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
     assert sharded["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     assert sharded["changed"] == single["changed"]  # every parameter a step moves in one process moves here
@@ -184,7 +185,7 @@ def test_bf16_changes_every_parameter_at_lr_1e_6(strategy, nproc, request, parit
     """fp32 master weights: a bf16 run's update of lr 1e-6 is not rounded away. Every trainable
     tensor changes, and as many of their elements as in fp32 (the embedding rows of tokens the
     batch does not hold get no gradient in either)."""
-    fp32, result = (parity.get(*c[:2], nproc=c[2]) for c in parity_cases(request.node))
+    fp32, result = map(parity.get, parity_cases(request.node))
     unchanged = [k for k, v in result["changed"].items() if not v]
     assert not unchanged, f"parameters a bf16 step left unchanged: {unchanged}"
     assert result["changed_fraction"] >= 0.99 * fp32["changed_fraction"]
