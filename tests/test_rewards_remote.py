@@ -20,6 +20,9 @@ from lightrft_mm.rewards.core import Reward
 from lightrft_mm.schema import Sample
 
 
+FIXED_ANSWERS = {"500": (500, b"overloaded"), "400": (400, b"bad request"), "garbage": (200, b"<html>not json</html>")}
+
+
 class Server:
     """A scoring server whose behaviour a test sets: `script` lists the answers to give in turn
     ("ok", "garbage", "500", "400", "short", "slow"); after it runs out every answer is "ok"."""
@@ -57,10 +60,8 @@ class Server:
                 self._send(status, payload)
 
             def _answer(self, mode, inputs):
-                if mode in ("500", "400"):
-                    return int(mode), b"overloaded" if mode == "500" else b"bad request"
-                if mode == "garbage":
-                    return 200, b"<html>not json</html>"
+                if mode in FIXED_ANSWERS:
+                    return FIXED_ANSWERS[mode]
                 scores = [{"score": len(x["completion"]), "words": len(x["completion"].split())}
                           if x["source"] != "skip" else None for x in inputs]
                 if mode == "short":
